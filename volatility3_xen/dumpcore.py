@@ -1,0 +1,345 @@
+"""``XenDumpCore``: everything a dump-core file says, parsed and validated.
+
+Probing, parsing and mapping are separate steps (as in libkdumpfile's elfdump.c):
+
+- ``probe_xen_core(read, size)`` is the stacker's cheap test: ELF ``ET_CORE`` with a
+  ``.note.Xen`` section whose HEADER note carries a known magic; it reads a few KiB;
+- ``XenDumpCore(read, size)`` parses the ELF container and notes and validates every
+  section extent against the file size;
+- ``core.page_map`` (built on first use) loads the pfn table in bulk into run maps.
+
+No Volatility context is needed: ``XenDumpCore.open(path)`` works on a plain file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from typing import BinaryIO
+
+import numpy as np
+
+from . import notes as xen_notes
+from .elfcore import ElfCore, Reader, Section, looks_like_elf_core
+from .errors import XenCoreFormatException
+from .pagemap import PageMap
+
+NOTE_SECTION = ".note.Xen"
+PRSTATUS_SECTION = ".xen_prstatus"
+SHARED_INFO_SECTION = ".xen_shared_info"
+PAGES_SECTION = ".xen_pages"
+P2M_SECTION = ".xen_p2m"  # PV: {u64 pfn, u64 gmfn}
+PFN_SECTION = ".xen_pfn"  # HVM/PVH/ARM: u64 pfn
+
+# Bounds that no real dump-core comes near; they stop damaged headers from driving work.
+MAX_NOTE_SECTION = 1 << 20
+MIN_PAGE_SHIFT, MAX_PAGE_SHIFT = 9, 24
+MAX_VCPUS = 1 << 16
+# x86-64 and arm64 physical addresses have at most 52 bits; anything above is damage.
+PHYS_ADDR_BITS = 52
+
+EM_386, EM_X86_64, EM_ARM, EM_AARCH64 = 3, 62, 40, 183
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Outcome of ``probe_xen_core``: is this a Xen dump-core, and is it damaged?"""
+
+    is_xen: bool
+    problem: str | None = None
+
+
+# A HEADER note record as libxc writes it: namesz 4, descsz 32, type, "Xen\0".
+_HEADER_NOTE_LE = b"\x04\0\0\0\x20\0\0\0\x01\0\0\x02Xen\0"
+_HEADER_NOTE_BE = b"\0\0\0\x04\0\0\0\x20\x02\0\0\x01Xen\0"
+PROBE_BYTES = 8192
+
+
+def probe_xen_core(read: Reader, file_size: int) -> Probe:
+    """Is the file a Xen dump-core?  Cheap: reads the first few KiB at most.
+
+    Another ELF core, a raw image or random bytes give ``Probe(False)`` so that the other
+    stackers get their turn.  A file that is recognisably Xen (an ``ET_CORE`` with a
+    ``.note.Xen`` section, or a Xen HEADER note record near the start) but whose container
+    is damaged gives ``Probe(True, problem)``: the caller should say so rather than let
+    the file be read as raw memory.
+    """
+    head = read(0, 64)
+    if not looks_like_elf_core(head):
+        return Probe(False)
+    try:
+        elf = ElfCore(read, file_size)
+    except XenCoreFormatException as exc:
+        window = read(0, min(PROBE_BYTES, file_size))
+        if _HEADER_NOTE_LE in window or _HEADER_NOTE_BE in window:
+            return Probe(True, str(exc))
+        return Probe(False)
+    note = elf.sections.get(NOTE_SECTION)
+    if note is None:
+        return Probe(False)
+    data = elf.read_section(note, limit=PROBE_BYTES)
+    records, _ = xen_notes.iter_notes(data, note.offset, elf.facts.byteorder)
+    for record in records:
+        if (
+            record.name == xen_notes.NOTE_NAME
+            and record.type == xen_notes.XEN_ELFNOTE_DUMPCORE_HEADER
+            and len(record.desc) >= 8
+        ):
+            magic = int.from_bytes(record.desc[:8], elf.facts.byteorder)
+            if magic in xen_notes.KNOWN_MAGICS:
+                return Probe(True)
+            return Probe(True, f"unknown dump-core magic {magic:#x} in the header note")
+    return Probe(True, f"{NOTE_SECTION} holds no Xen header note")
+
+
+@dataclass(frozen=True)
+class VcpuArea:
+    """Where the vCPU context slots are: ``count`` slots of ``entsize`` bytes."""
+
+    offset: int
+    entsize: int
+    count: int
+
+
+class XenDumpCore:
+    """A parsed Xen dump-core.
+
+    Args:
+        read: ``read(offset, length) -> bytes`` on the file (short reads at the end are
+            fine).
+        file_size: the file's size in bytes; every extent is checked against it.
+        name: used in messages (a layer name or a path).
+
+    Raises:
+        XenCoreFormatException: the file cannot be mapped; ``str(exc)`` is one line.
+
+    Problems that still allow a correct (possibly partial) view are collected in
+    ``warnings`` instead.
+    """
+
+    def __init__(self, read: Reader, file_size: int, name: str = "core") -> None:
+        self.name = name
+        self.file_size = file_size
+        self._read = read
+        self.warnings: list[str] = []
+        self.elf = ElfCore(read, file_size, name)
+        self.sections: dict[str, Section] = self.elf.sections
+
+        note_section = self._require(NOTE_SECTION)
+        note_bytes = self.elf.read_section(note_section, limit=MAX_NOTE_SECTION)
+        self.notes = xen_notes.decode_notes(
+            note_bytes, note_section.offset, self.elf.facts.byteorder, self.elf.facts.e_machine
+        )
+        self.warnings.extend(self.notes.warnings)
+        if self.notes.header is None:
+            raise XenCoreFormatException(name, f"{NOTE_SECTION} has no usable header note")
+        self.header = self.notes.header
+        if self.header.magic not in xen_notes.KNOWN_MAGICS:
+            raise XenCoreFormatException(
+                name, f"unknown dump-core magic {self.header.magic:#x} in the header note"
+            )
+        self.page_shift = self._page_shift()
+        self.page_size = 1 << self.page_shift
+        self.pages = self._require(PAGES_SECTION)
+        self.table = self._table_section()
+        self._check_sections()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> XenDumpCore:
+        """Parse a dump-core from a path (the file stays open while the object lives)."""
+        handle: BinaryIO = open(path, "rb")  # noqa: SIM115 - owned by the reader closure
+        size = os.fstat(handle.fileno()).st_size
+
+        def read(offset: int, length: int) -> bytes:
+            handle.seek(offset)
+            return handle.read(length)
+
+        return cls(read, size, name=os.fspath(path))
+
+    # -- validation ------------------------------------------------------------------------
+
+    def _require(self, name: str) -> Section:
+        section = self.sections.get(name)
+        if section is None:
+            raise XenCoreFormatException(self.name, f"no {name} section: not a usable dump-core")
+        return section
+
+    def _page_shift(self) -> int:
+        size = self.header.page_size
+        if size <= 0 or size & (size - 1):
+            raise XenCoreFormatException(
+                self.name, f"header note page size {size:#x} is not a power of two"
+            )
+        shift = size.bit_length() - 1
+        if not MIN_PAGE_SHIFT <= shift <= MAX_PAGE_SHIFT:
+            raise XenCoreFormatException(
+                self.name, f"header note page size {size:#x} is outside 512 B .. 16 MiB"
+            )
+        return shift
+
+    def _table_section(self) -> Section:
+        p2m, pfn = self.sections.get(P2M_SECTION), self.sections.get(PFN_SECTION)
+        if p2m and pfn:
+            raise XenCoreFormatException(
+                self.name, f"both {P2M_SECTION} and {PFN_SECTION} are present; cannot choose"
+            )
+        table = p2m or pfn
+        if table is None:
+            raise XenCoreFormatException(
+                self.name, f"neither {P2M_SECTION} nor {PFN_SECTION} is present"
+            )
+        if self.header.is_pv != (table.name == P2M_SECTION):
+            self.warnings.append(
+                f"header magic says {self.header.guest_type} but the table is {table.name}; "
+                f"following the table"
+            )
+        return table
+
+    def _check_sections(self) -> None:
+        """Warn about shortfalls that still allow a correct partial view."""
+        nr_pages, entries = self.header.nr_pages, self.table.size // self.table_entry_size
+        if self.table.size % self.table_entry_size:
+            self.warnings.append(
+                f"{self.table.name} size {self.table.size:#x} is not a multiple of "
+                f"{self.table_entry_size}; the partial entry is ignored"
+            )
+        if entries != nr_pages:
+            self.warnings.append(
+                f"header promises {nr_pages} pages but {self.table.name} has {entries} entries"
+            )
+        if self.pages.offset % self.page_size:
+            self.warnings.append(
+                f"{PAGES_SECTION} at offset {self.pages.offset:#x} is not page aligned"
+            )
+        promised = self.pages.size >> self.page_shift
+        present = self.stored_page_count
+        if present < min(promised, entries):
+            self.warnings.append(
+                f"{PAGES_SECTION} promises {promised} pages but the file ends after {present}; "
+                "later pages are unavailable"
+            )
+        if self.table.end > self.file_size:
+            self.warnings.append(
+                f"{self.table.name} is truncated: {self.table.size:#x} bytes at "
+                f"{self.table.offset:#x}, file ends at {self.file_size:#x}"
+            )
+
+    # -- facts -----------------------------------------------------------------------------
+
+    @property
+    def is_pv(self) -> bool:
+        """Paravirtualised (page tables hold machine frames) - decided by the table kind."""
+        return self.table.name == P2M_SECTION
+
+    @property
+    def guest_type(self) -> str:
+        return "PV" if self.is_pv else "HVM/PVH"
+
+    @property
+    def guest_width(self) -> int | None:
+        """Guest pointer size in bytes, from ``e_machine`` (PV only tells it truly:
+        HVM cores are always EM_X86_64, whatever the guest runs)."""
+        return {EM_386: 4, EM_X86_64: 8, EM_AARCH64: 8}.get(self.elf.facts.e_machine)
+
+    def adopt_page_map(self, page_map: PageMap) -> None:
+        """Reuse a page map built earlier from the very same file (see layer.py)."""
+        self.__dict__["page_map"] = page_map
+
+    @property
+    def table_entry_size(self) -> int:
+        return 16 if self.table.name == P2M_SECTION else 8
+
+    @property
+    def stored_page_count(self) -> int:
+        """Pages of ``.xen_pages`` actually present in the file (a truncated copy has fewer)."""
+        available = max(0, min(self.pages.end, self.file_size) - self.pages.offset)
+        return min(self.pages.size, available) >> self.page_shift
+
+    @property
+    def max_pfn(self) -> int:
+        return 1 << (PHYS_ADDR_BITS - self.page_shift)
+
+    # -- the page map ----------------------------------------------------------------------
+
+    @cached_property
+    def page_map(self) -> PageMap:
+        """pfn -> page index runs (and machine frames for PV), built by one bulk read."""
+        entsize = self.table_entry_size
+        entries = min(self.table.size // entsize, self.stored_page_count)
+        readable = max(0, min(self.table.end, self.file_size) - self.table.offset)
+        entries = min(entries, readable // entsize)
+        raw = self._read(self.table.offset, entries * entsize) if entries else b""
+        entries = len(raw) // entsize
+        dtype = np.dtype(np.uint64).newbyteorder(
+            "<" if self.elf.facts.byteorder == "little" else ">"
+        )
+        words = np.frombuffer(raw, dtype=dtype, count=entries * entsize // 8)
+        if entsize == 16:
+            pfns, gmfns = words[0::2], words[1::2]
+        else:
+            pfns, gmfns = words, None
+        # Native byte order for fast comparisons; astype copies only when it must.
+        pfns = pfns.astype(np.uint64)
+        gmfns = gmfns.astype(np.uint64) if gmfns is not None else None
+        page_map = PageMap(pfns, gmfns, self.max_pfn)
+        self.warnings.extend(page_map.warnings)
+        if page_map.stats.valid == 0:
+            raise XenCoreFormatException(
+                self.name, f"{self.table.name} maps no pages (all {entries} entries unusable)"
+            )
+        return page_map
+
+    def page_offset(self, index: int) -> int:
+        """File offset of page ``index`` of ``.xen_pages``."""
+        return self.pages.offset + (index << self.page_shift)
+
+    # -- vCPUs and shared info -------------------------------------------------------------
+
+    @cached_property
+    def vcpu_area(self) -> VcpuArea | None:
+        section = self.sections.get(PRSTATUS_SECTION)
+        if section is None:
+            return None
+        nr_vcpus = min(self.header.nr_vcpus, MAX_VCPUS)
+        entsize = section.entsize or (section.size // nr_vcpus if nr_vcpus else 0)
+        if entsize <= 0:
+            return VcpuArea(section.offset, 0, 0)
+        in_file = max(0, min(section.end, self.file_size) - section.offset)
+        count = min(nr_vcpus, section.size // entsize, in_file // entsize)
+        if count < self.header.nr_vcpus:
+            self.warnings.append(
+                f"header says {self.header.nr_vcpus} vCPUs but {PRSTATUS_SECTION} holds {count}"
+            )
+        return VcpuArea(section.offset, entsize, count)
+
+    def vcpu_slot(self, slot: int) -> bytes:
+        """The raw context bytes of file slot ``slot`` (not necessarily vCPU id ``slot``)."""
+        area = self.vcpu_area
+        if area is None or not 0 <= slot < area.count:
+            raise IndexError(f"no vCPU slot {slot}")
+        return self._read(area.offset + slot * area.entsize, area.entsize)
+
+    def vcpus(self) -> list:
+        """Decoded contexts of every stored slot (see ``volatility3_xen.vcpu``)."""
+        from . import vcpu
+
+        area = self.vcpu_area
+        if area is None or area.count == 0:
+            return []
+        layout = vcpu.layout_for(self.elf.facts.e_machine, area.entsize)
+        if layout is None:
+            self.warnings.append(
+                f"no vCPU layout known for {self.elf.facts.machine_name} with "
+                f"{area.entsize}-byte slots"
+            )
+            return []
+        data = self._read(area.offset, area.count * area.entsize)
+        return vcpu.decode_all(data, area.entsize, area.count, layout, self.elf.facts.byteorder)
+
+    @cached_property
+    def shared_info(self) -> bytes | None:
+        section = self.sections.get(SHARED_INFO_SECTION)
+        if section is None:
+            return None
+        return self.elf.read_section(section, limit=1 << 16)

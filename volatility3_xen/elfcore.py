@@ -1,0 +1,237 @@
+"""The ELF container of a dump-core: header and section table, read through pyelftools'
+declarative structs and validated against the file size before anything is used.
+
+Xen writes no program headers; everything lives in named sections, so this module only
+knows about the ELF header and section headers.  It reads through a ``Reader`` callable so
+that it works on a plain file and on a Volatility layer alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from elftools.common.exceptions import ELFError
+from elftools.construct import ConstructError
+from elftools.elf.enums import ENUM_E_MACHINE, ENUM_SH_TYPE_BASE
+from elftools.elf.structs import ELFStructs
+
+from .errors import XenCoreFormatException
+
+#: ``read(offset, length) -> bytes``; may return fewer bytes at the end of the file.
+Reader = Callable[[int, int], bytes]
+
+ELF_MAGIC = b"\x7fELF"
+ET_CORE = 4
+SHT_NOTE = 7
+# Largest section-header table / string table we are willing to read: a real dump-core
+# has 6-8 sections and a ~72 byte string table.
+MAX_SHSTRTAB = 1 << 16
+
+_MACHINE_NAMES = {value: name for name, value in ENUM_E_MACHINE.items() if name != "_default_"}
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section header, with its name resolved through ``.shstrtab``."""
+
+    index: int
+    name: str
+    type: int
+    offset: int
+    size: int
+    entsize: int
+    addralign: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+@dataclass(frozen=True)
+class ElfFacts:
+    """What the ELF header says about the file (not about Xen)."""
+
+    elfclass: int  # 32 or 64
+    byteorder: str  # "little" or "big"
+    e_machine: int
+    e_type: int
+    e_shoff: int
+    e_shnum: int
+    e_shstrndx: int
+    e_abiversion: int
+
+    @property
+    def machine_name(self) -> str:
+        return _MACHINE_NAMES.get(self.e_machine, f"EM_{self.e_machine}")
+
+    @property
+    def struct_prefix(self) -> str:
+        """``struct`` byte-order character for this file."""
+        return "<" if self.byteorder == "little" else ">"
+
+
+def _structs(elfclass: int, little: bool) -> ELFStructs:
+    structs = ELFStructs(little_endian=little, elfclass=elfclass)
+    structs.create_basic_structs()
+    # The advanced structs only change how some enums are decoded; ET_CORE/EM_NONE keeps
+    # the section header layout generic.
+    structs.create_advanced_structs(ET_CORE, 0, "ELFOSABI_SYSV")
+    return structs
+
+
+def _as_int(value: object, table: dict[str, int]) -> int:
+    """pyelftools decodes known enum values to names; turn them back into numbers."""
+    if isinstance(value, int):
+        return value
+    return table[str(value)]
+
+
+def looks_like_elf_core(head: bytes) -> bool:
+    """Cheapest possible test, used by the stacker before anything else is read."""
+    return (
+        len(head) >= 18
+        and head[:4] == ELF_MAGIC
+        and head[4] in (1, 2)
+        and head[5] in (1, 2)
+        and int.from_bytes(head[16:18], "little" if head[5] == 1 else "big") == ET_CORE
+    )
+
+
+class ElfCore:
+    """Parses and validates the ELF header and section table of a dump-core."""
+
+    def __init__(self, read: Reader, file_size: int, name: str = "core") -> None:
+        self.name = name
+        self.file_size = file_size
+        self._read = read
+        head = read(0, 64)
+        if len(head) < 52 or head[:4] != ELF_MAGIC:
+            raise XenCoreFormatException(name, "not an ELF file (no \\x7fELF magic at offset 0)")
+        if head[4] not in (1, 2):
+            raise XenCoreFormatException(name, f"unknown ELF class {head[4]} at offset 4")
+        if head[5] not in (1, 2):
+            raise XenCoreFormatException(name, f"unknown ELF data encoding {head[5]} at offset 5")
+        elfclass = 32 if head[4] == 1 else 64
+        self.structs = _structs(elfclass, head[5] == 1)
+        try:
+            ehdr = self.structs.Elf_Ehdr.parse(head)
+        except (ConstructError, ELFError) as exc:
+            raise XenCoreFormatException(name, f"ELF header is truncated: {exc}") from None
+        self.facts = ElfFacts(
+            elfclass=elfclass,
+            byteorder="little" if head[5] == 1 else "big",
+            e_machine=_as_int(ehdr.e_machine, ENUM_E_MACHINE),
+            e_type=int.from_bytes(head[16:18], "little" if head[5] == 1 else "big"),
+            e_shoff=ehdr.e_shoff,
+            e_shnum=ehdr.e_shnum,
+            e_shstrndx=ehdr.e_shstrndx,
+            e_abiversion=head[8],
+        )
+        if self.facts.e_type != ET_CORE:
+            raise XenCoreFormatException(
+                name, f"ELF type is {self.facts.e_type}, not ET_CORE (4): not a dump-core"
+            )
+        self.sections = self._read_sections(ehdr.e_shentsize)
+        self._check_overlaps()
+
+    # -- section table ---------------------------------------------------------------------
+
+    def _read_sections(self, shentsize: int) -> dict[str, Section]:
+        facts, name = self.facts, self.name
+        shdr_struct = self.structs.Elf_Shdr
+        if facts.e_shnum == 0:
+            raise XenCoreFormatException(name, "ELF file has no section headers (e_shnum = 0)")
+        if shentsize < shdr_struct.sizeof():
+            raise XenCoreFormatException(
+                name, f"e_shentsize {shentsize} is smaller than a section header"
+            )
+        table_size = facts.e_shnum * shentsize
+        if facts.e_shoff + table_size > self.file_size:
+            raise XenCoreFormatException(
+                name,
+                f"section header table at offset {facts.e_shoff:#x} ({facts.e_shnum} entries) "
+                f"runs past the end of the file ({self.file_size:#x})",
+            )
+        if facts.e_shstrndx >= facts.e_shnum:
+            raise XenCoreFormatException(
+                name, f"e_shstrndx {facts.e_shstrndx} is not below e_shnum {facts.e_shnum}"
+            )
+        raw = self._read(facts.e_shoff, table_size)
+        headers = []
+        for index in range(facts.e_shnum):
+            try:
+                headers.append(shdr_struct.parse(raw[index * shentsize :]))
+            except (ConstructError, ELFError) as exc:
+                raise XenCoreFormatException(
+                    name, f"section header {index} is truncated: {exc}"
+                ) from None
+
+        strtab_hdr = headers[facts.e_shstrndx]
+        strtab_size = min(strtab_hdr.sh_size, MAX_SHSTRTAB)
+        self._check_extent(".shstrtab", strtab_hdr.sh_offset, strtab_size)
+        strtab = self._read(strtab_hdr.sh_offset, strtab_size)
+
+        sections: dict[str, Section] = {}
+        for index, hdr in enumerate(headers):
+            if index == 0:
+                continue
+            section_name = _c_string(strtab, hdr.sh_name)
+            if section_name is None:
+                raise XenCoreFormatException(
+                    name, f"section {index} has name offset {hdr.sh_name} outside .shstrtab"
+                )
+            if section_name in sections:
+                raise XenCoreFormatException(
+                    name,
+                    f"section {section_name} appears twice (indices "
+                    f"{sections[section_name].index} and {index})",
+                )
+            sections[section_name] = Section(
+                index=index,
+                name=section_name,
+                type=_as_int(hdr.sh_type, ENUM_SH_TYPE_BASE),
+                offset=hdr.sh_offset,
+                size=hdr.sh_size,
+                entsize=hdr.sh_entsize,
+                addralign=hdr.sh_addralign,
+            )
+        return sections
+
+    def _check_extent(self, what: str, offset: int, size: int) -> None:
+        if offset > self.file_size or offset + size > self.file_size:
+            raise XenCoreFormatException(
+                self.name,
+                f"{what} at offset {offset:#x} (size {size:#x}) lies outside the file "
+                f"(size {self.file_size:#x})",
+            )
+
+    def _check_overlaps(self) -> None:
+        """Overlapping data sections would make a page and a table entry share bytes:
+        refuse rather than map garbage.  ``.shstrtab`` and empty sections are exempt."""
+        spans = sorted(
+            (s.offset, s.end, s.name)
+            for s in self.sections.values()
+            if s.size and s.name != ".shstrtab" and s.name.startswith((".xen", ".note.Xen"))
+        )
+        for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
+            if start_b < end_a:
+                raise XenCoreFormatException(
+                    self.name, f"sections {name_a} and {name_b} overlap at offset {start_b:#x}"
+                )
+
+    def read_section(self, section: Section, limit: int | None = None) -> bytes:
+        """The bytes of a section, bounded by the file (a truncated file gives fewer)."""
+        size = section.size if limit is None else min(section.size, limit)
+        if section.offset >= self.file_size:
+            return b""
+        return self._read(section.offset, min(size, self.file_size - section.offset))
+
+
+def _c_string(table: bytes, offset: int) -> str | None:
+    if offset >= len(table):
+        return None
+    end = table.find(b"\0", offset)
+    if end < 0:
+        end = len(table)
+    return table[offset:end].decode("ascii", "replace")
