@@ -1,0 +1,74 @@
+"""Shared fixtures: paths to the real guest in ../shared, a vol runner, a scratch context."""
+
+from __future__ import annotations
+
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VX3_SHARED", REPO.parent / "shared"))
+GUEST_XZ = SHARED / "guests" / "imageC.raw.xz"
+SYMBOLS = SHARED / "guests" / "symbols"
+EXPECTED = SHARED / "guests" / "expected"
+CACHE = Path(os.environ.get("VX3_CACHE", REPO / ".cache"))
+PLUGINS = REPO / "plugins"
+
+
+def vol_command() -> list[str]:
+    """``vol`` of the interpreter running the tests (the one with our package)."""
+    script = Path(sys.executable).with_name("vol")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("vol")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from volatility3.cli import main; sys.exit(main())"]
+
+
+def run_vol(*args: str, plugins: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    command = vol_command() + ["-q"]
+    if plugins:
+        command += ["-p", str(PLUGINS)]
+    return subprocess.run(
+        command + list(args), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def strip_banner(output: str) -> list[str]:
+    """vol's output without the "Volatility 3 Framework x.y" line and blank lines."""
+    return [line for line in output.splitlines() if line and not line.startswith("Volatility 3")]
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Path:
+    """The real guest's raw memory (decompressed once into the cache)."""
+    if not GUEST_XZ.exists():
+        pytest.skip(f"real guest image not available ({GUEST_XZ} missing: ../shared absent)")
+    target = CACHE / "imageC.raw"
+    if not target.exists() or target.stat().st_size != 128 << 20:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".part")
+        with lzma.open(GUEST_XZ) as source, open(partial, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+        partial.replace(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def symbols_dir() -> Path:
+    if not SYMBOLS.exists():
+        pytest.skip(f"guest symbols not available ({SYMBOLS} missing: ../shared absent)")
+    return SYMBOLS
+
+
+@pytest.fixture(scope="session")
+def expected_dir() -> Path:
+    if not EXPECTED.exists():
+        pytest.skip(f"expected plugin output not available ({EXPECTED} missing)")
+    return EXPECTED
