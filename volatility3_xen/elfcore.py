@@ -105,6 +105,8 @@ class ElfCore:
         self.name = name
         self.file_size = file_size
         self._read = read
+        #: problems that still allow the file to be read (shown to the analyst)
+        self.warnings: list[str] = []
         head = read(0, 64)
         if len(head) < 52 or head[:4] != ELF_MAGIC:
             raise XenCoreFormatException(name, "not an ELF file (no \\x7fELF magic at offset 0)")
@@ -116,8 +118,12 @@ class ElfCore:
         self.structs = _structs(elfclass, head[5] == 1)
         try:
             ehdr = self.structs.Elf_Ehdr.parse(head)
-        except (ConstructError, ELFError) as exc:
-            raise XenCoreFormatException(name, f"ELF header is truncated: {exc}") from None
+        except (ConstructError, ELFError):
+            raise XenCoreFormatException(
+                name,
+                f"ELF header is truncated: the file has {len(head)} bytes, the "
+                f"{elfclass}-bit header needs {self.structs.Elf_Ehdr.sizeof()}",
+            ) from None
         self.facts = ElfFacts(
             elfclass=elfclass,
             byteorder="little" if head[5] == 1 else "big",
@@ -146,16 +152,12 @@ class ElfCore:
             raise XenCoreFormatException(
                 name, f"e_shentsize {shentsize} is smaller than a section header"
             )
-        table_size = facts.e_shnum * shentsize
+        table_size = self._table_size = facts.e_shnum * shentsize
         if facts.e_shoff + table_size > self.file_size:
             raise XenCoreFormatException(
                 name,
                 f"section header table at offset {facts.e_shoff:#x} ({facts.e_shnum} entries) "
                 f"runs past the end of the file ({self.file_size:#x})",
-            )
-        if facts.e_shstrndx >= facts.e_shnum:
-            raise XenCoreFormatException(
-                name, f"e_shstrndx {facts.e_shstrndx} is not below e_shnum {facts.e_shnum}"
             )
         raw = self._read(facts.e_shoff, table_size)
         headers = []
@@ -167,20 +169,20 @@ class ElfCore:
                     name, f"section header {index} is truncated: {exc}"
                 ) from None
 
-        strtab_hdr = headers[facts.e_shstrndx]
-        strtab_size = min(strtab_hdr.sh_size, MAX_SHSTRTAB)
-        self._check_extent(".shstrtab", strtab_hdr.sh_offset, strtab_size)
-        strtab = self._read(strtab_hdr.sh_offset, strtab_size)
+        names, problem = self._declared_names(headers)
+        if problem is not None:
+            names = _libxc_names(headers)
+            if names is None:
+                raise XenCoreFormatException(name, problem)
+            self.warnings.append(
+                f"{problem}; the section headers match libxc's names exactly, using those"
+            )
 
         sections: dict[str, Section] = {}
         for index, hdr in enumerate(headers):
             if index == 0:
                 continue
-            section_name = _c_string(strtab, hdr.sh_name)
-            if section_name is None:
-                raise XenCoreFormatException(
-                    name, f"section {index} has name offset {hdr.sh_name} outside .shstrtab"
-                )
+            section_name = names[index]
             if section_name in sections:
                 raise XenCoreFormatException(
                     name,
@@ -198,6 +200,41 @@ class ElfCore:
             )
         return sections
 
+    def _declared_names(self, headers: list) -> tuple[list[str], str | None]:
+        """Section names through ``e_shstrndx``, or the reason they cannot be had.
+
+        A problem with the string table itself (index, extent) is returned, not raised, so
+        that a truncated file - ``.shstrtab`` is the very last thing libxc writes - can fall
+        back to libxc's fixed names.  A name offset outside a readable table is damage to
+        that section's header and is raised at once.
+        """
+        facts = self.facts
+        if not 0 < facts.e_shstrndx < facts.e_shnum:
+            return (
+                [],
+                f"e_shstrndx {facts.e_shstrndx} does not name a section (e_shnum {facts.e_shnum})",
+            )
+        strtab_hdr = headers[facts.e_shstrndx]
+        strtab_size = min(strtab_hdr.sh_size, MAX_SHSTRTAB)
+        offset = strtab_hdr.sh_offset
+        if offset > self.file_size or offset + strtab_size > self.file_size:
+            return [], (
+                f".shstrtab at offset {offset:#x} (size {strtab_size:#x}) lies outside the "
+                f"file (size {self.file_size:#x})"
+            )
+        strtab = self._read(offset, strtab_size)
+        names = [""]
+        for index, hdr in enumerate(headers[1:], start=1):
+            section_name = _c_string(strtab, hdr.sh_name)
+            if section_name is None:
+                raise XenCoreFormatException(
+                    self.name,
+                    f"section {index} has name offset {hdr.sh_name} outside .shstrtab "
+                    f"({len(strtab)} bytes at {offset:#x})",
+                )
+            names.append(section_name)
+        return names, None
+
     def _check_extent(self, what: str, offset: int, size: int) -> None:
         if offset > self.file_size or offset + size > self.file_size:
             raise XenCoreFormatException(
@@ -209,15 +246,23 @@ class ElfCore:
     def _check_overlaps(self) -> None:
         """Overlapping data sections would make a page and a table entry share bytes:
         refuse rather than map garbage.  ``.shstrtab`` and empty sections are exempt."""
+        # The headers count as sections here: a page or note lying over them is forged.
+        headers = [
+            (0, self.structs.Elf_Ehdr.sizeof(), "ELF header"),
+            (self.facts.e_shoff, self.facts.e_shoff + self._table_size, "section header table"),
+        ]
         spans = sorted(
-            (s.offset, s.end, s.name)
-            for s in self.sections.values()
-            if s.size and s.name != ".shstrtab" and s.name.startswith((".xen", ".note.Xen"))
+            headers
+            + [
+                (s.offset, s.end, s.name)
+                for s in self.sections.values()
+                if s.size and s.name != ".shstrtab" and s.name.startswith((".xen", ".note.Xen"))
+            ]
         )
         for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
             if start_b < end_a:
                 raise XenCoreFormatException(
-                    self.name, f"sections {name_a} and {name_b} overlap at offset {start_b:#x}"
+                    self.name, f"{name_a} and {name_b} overlap at offset {start_b:#x}"
                 )
 
     def read_section(self, section: Section, limit: int | None = None) -> bytes:
@@ -226,6 +271,33 @@ class ElfCore:
         if section.offset >= self.file_size:
             return b""
         return self._read(section.offset, min(size, self.file_size - section.offset))
+
+
+# The names libxc gives its sections, in section-header order (dump-core-layout.md section 2);
+# ``.xen_shared_info`` is optional and the last one is ``.xen_p2m`` (PV) or ``.xen_pfn``.
+_LIBXC_LEAD = (".shstrtab", ".note.Xen", ".xen_prstatus")
+_LIBXC_TABLE_BY_ENTSIZE = {16: ".xen_p2m", 8: ".xen_pfn"}
+
+
+def _libxc_names(headers: list) -> list[str] | None:
+    """Rebuild the names of a libxc-written section table whose ``.shstrtab`` is lost.
+
+    libxc's string table is fully determined by which sections exist, so the names are
+    accepted only if *every* header's ``sh_name`` is the offset libxc would have given it.
+    """
+    table = _LIBXC_TABLE_BY_ENTSIZE.get(headers[-1].sh_entsize) if len(headers) > 1 else None
+    if table is None:
+        return None
+    for middle in ((), (".xen_shared_info",)):
+        names = [*_LIBXC_LEAD, *middle, ".xen_pages", table]
+        if len(names) + 1 != len(headers):
+            continue
+        strtab = b"\0" + b"".join(n.encode() + b"\0" for n in names)
+        if all(
+            hdr.sh_name == strtab.index(n.encode() + b"\0") for hdr, n in zip(headers[1:], names)
+        ):
+            return ["", *names]
+    return None
 
 
 def _c_string(table: bytes, offset: int) -> str | None:
