@@ -125,15 +125,29 @@ class XenDumpCore:
         self.warnings: list[str] = []
         self.elf = ElfCore(read, file_size, name)
         self.sections: dict[str, Section] = self.elf.sections
+        self.warnings.extend(self.elf.warnings)
 
         note_section = self._require(NOTE_SECTION)
+        if note_section.offset >= file_size:
+            raise XenCoreFormatException(
+                name,
+                f"{NOTE_SECTION} at offset {note_section.offset:#x} lies beyond the end of the "
+                f"file (size {file_size:#x}): truncated file or damaged header",
+            )
         note_bytes = self.elf.read_section(note_section, limit=MAX_NOTE_SECTION)
         self.notes = xen_notes.decode_notes(
             note_bytes, note_section.offset, self.elf.facts.byteorder, self.elf.facts.e_machine
         )
         self.warnings.extend(self.notes.warnings)
         if self.notes.header is None:
-            raise XenCoreFormatException(name, f"{NOTE_SECTION} has no usable header note")
+            cut = (
+                f" (the section is cut short: the file ends at {file_size:#x})"
+                if note_section.end > file_size
+                else ""
+            )
+            raise XenCoreFormatException(
+                name, f"{NOTE_SECTION} at {note_section.offset:#x} has no usable header note{cut}"
+            )
         self.header = self.notes.header
         if self.header.magic not in xen_notes.KNOWN_MAGICS:
             raise XenCoreFormatException(
@@ -143,6 +157,7 @@ class XenDumpCore:
         self.page_size = 1 << self.page_shift
         self.pages = self._require(PAGES_SECTION)
         self.table = self._table_section()
+        self._check_entry_sizes()
         self._check_sections()
 
     @classmethod
@@ -152,6 +167,10 @@ class XenDumpCore:
         size = os.fstat(handle.fileno()).st_size
 
         def read(offset: int, length: int) -> bytes:
+            # Bounded by the file: a file object allocates the full request up front.
+            length = min(length, size - offset)
+            if length <= 0:
+                return b""
             handle.seek(offset)
             return handle.read(length)
 
@@ -196,6 +215,22 @@ class XenDumpCore:
             )
         return table
 
+    def _check_entry_sizes(self) -> None:
+        """``sh_entsize`` of the pages and the table, where set, must agree with the header
+        note: a disagreement means one of them is damaged, and guessing would map every
+        page at the wrong offset."""
+        if self.pages.entsize not in (0, self.page_size):
+            raise XenCoreFormatException(
+                self.name,
+                f"{PAGES_SECTION} entry size {self.pages.entsize:#x} disagrees with the header "
+                f"note page size {self.page_size:#x}",
+            )
+        if self.table.entsize not in (0, self.table_entry_size):
+            raise XenCoreFormatException(
+                self.name,
+                f"{self.table.name} entry size {self.table.entsize} is not {self.table_entry_size}",
+            )
+
     def _check_sections(self) -> None:
         """Warn about shortfalls that still allow a correct partial view."""
         nr_pages, entries = self.header.nr_pages, self.table.size // self.table_entry_size
@@ -219,6 +254,13 @@ class XenDumpCore:
                 f"{PAGES_SECTION} promises {promised} pages but the file ends after {present}; "
                 "later pages are unavailable"
             )
+        for name in (NOTE_SECTION, PRSTATUS_SECTION, SHARED_INFO_SECTION):
+            section = self.sections.get(name)
+            if section is not None and section.end > self.file_size:
+                self.warnings.append(
+                    f"{name} is truncated: {section.size:#x} bytes at {section.offset:#x}, "
+                    f"file ends at {self.file_size:#x}"
+                )
         if self.table.end > self.file_size:
             self.warnings.append(
                 f"{self.table.name} is truncated: {self.table.size:#x} bytes at "
@@ -285,10 +327,22 @@ class XenDumpCore:
         page_map = PageMap(pfns, gmfns, self.max_pfn)
         self.warnings.extend(page_map.warnings)
         if page_map.stats.valid == 0:
-            raise XenCoreFormatException(
-                self.name, f"{self.table.name} maps no pages (all {entries} entries unusable)"
-            )
+            raise XenCoreFormatException(self.name, self._why_no_pages(entries))
         return page_map
+
+    def _why_no_pages(self, entries: int) -> str:
+        """One line on why an empty page map is empty (what the analyst must fix)."""
+        if self.pages.offset >= self.file_size or self.stored_page_count == 0:
+            return (
+                f"{PAGES_SECTION} at offset {self.pages.offset:#x} holds no whole page before "
+                f"the end of the file ({self.file_size:#x}): truncated file or damaged header"
+            )
+        if self.table.offset >= self.file_size:
+            return (
+                f"{self.table.name} at offset {self.table.offset:#x} lies beyond the end of the "
+                f"file ({self.file_size:#x}): no page can be located (truncated file?)"
+            )
+        return f"{self.table.name} maps no pages (all {entries} entries unusable)"
 
     def page_offset(self, index: int) -> int:
         """File offset of page ``index`` of ``.xen_pages``."""
