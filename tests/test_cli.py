@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import mmap
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 
 from volatility3_xen import writer
 
-from .conftest import CACHE, run_vol, strip_banner
+from .conftest import CACHE, PLUGINS, run_vol, strip_banner
 
 
 def small_core(path: Path) -> Path:
@@ -81,3 +83,16 @@ def test_real_guest_hvm_pslist_matches_raw_image(
     assert result.returncode == 0, result.stderr[-2000:]
     expected = strip_banner((expected_dir / "pslist.txt").read_text())
     assert strip_banner(result.stdout) == expected
+
+
+def test_plugin_dir_helper_points_at_the_checkout() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "volatility3_xen", "plugin-dir"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=PLUGINS.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == PLUGINS
+    assert (Path(result.stdout.strip()) / "xen" / "stackers.py").exists()
