@@ -249,6 +249,16 @@ class XenDumpCore:
             )
         promised = self.pages.size >> self.page_shift
         present = self.stored_page_count
+        if self.pages.size % self.page_size:
+            self.warnings.append(
+                f"{PAGES_SECTION} size {self.pages.size:#x} is not a multiple of the page size; "
+                "the partial page is ignored"
+            )
+        if promised < entries:
+            self.warnings.append(
+                f"{PAGES_SECTION} holds {promised} pages but {self.table.name} has {entries} "
+                f"entries; entries from {promised} on are ignored"
+            )
         if present < min(promised, entries):
             self.warnings.append(
                 f"{PAGES_SECTION} promises {promised} pages but the file ends after {present}; "
