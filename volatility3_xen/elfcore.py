@@ -108,8 +108,12 @@ class ElfCore:
         #: problems that still allow the file to be read (shown to the analyst)
         self.warnings: list[str] = []
         head = read(0, 64)
-        if len(head) < 52 or head[:4] != ELF_MAGIC:
+        if head[:4] != ELF_MAGIC:
             raise XenCoreFormatException(name, "not an ELF file (no \\x7fELF magic at offset 0)")
+        if len(head) < 6:
+            raise XenCoreFormatException(
+                name, f"ELF header is truncated: the file has {len(head)} bytes"
+            )
         if head[4] not in (1, 2):
             raise XenCoreFormatException(name, f"unknown ELF class {head[4]} at offset 4")
         if head[5] not in (1, 2):
