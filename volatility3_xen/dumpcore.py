@@ -14,6 +14,7 @@ No Volatility context is needed: ``XenDumpCore.open(path)`` works on a plain fil
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 from typing import BinaryIO
@@ -72,11 +73,13 @@ def probe_xen_core(read: Reader, file_size: int) -> Probe:
         elf = ElfCore(read, file_size)
     except XenCoreFormatException as exc:
         window = read(0, min(PROBE_BYTES, file_size))
-        if _HEADER_NOTE_LE in window or _HEADER_NOTE_BE in window:
+        if _HEADER_NOTE_LE in window or _HEADER_NOTE_BE in window or _libxc_elf_header(head):
             return Probe(True, str(exc))
         return Probe(False)
     note = elf.sections.get(NOTE_SECTION)
     if note is None:
+        if any(section.startswith(".xen_") for section in elf.sections):
+            return Probe(True, f"no {NOTE_SECTION} section, yet there are .xen_* sections")
         return Probe(False)
     data = elf.read_section(note, limit=PROBE_BYTES)
     records, _ = xen_notes.iter_notes(data, note.offset, elf.facts.byteorder)
@@ -91,6 +94,21 @@ def probe_xen_core(read: Reader, file_size: int) -> Probe:
                 return Probe(True)
             return Probe(True, f"unknown dump-core magic {magic:#x} in the header note")
     return Probe(True, f"{NOTE_SECTION} holds no Xen header note")
+
+
+def _libxc_elf_header(head: bytes) -> bool:
+    """The ELF header libxc writes (dump-core-layout.md section 1), recognisable even when
+    the rest of the file is gone: an ELF64 core without program headers, its 6-8 section
+    headers right after the ELF header, ``.shstrtab`` at index 1 and EI_ABIVERSION 1."""
+    if len(head) < 64 or head[4] != 2:
+        return False
+    order = "<" if head[5] == 1 else ">"
+    phnum, shentsize, shnum, shstrndx = struct.unpack_from(order + "4H", head, 56)
+    (shoff,) = struct.unpack_from(order + "Q", head, 40)
+    return (
+        head[8] == 1 and phnum == 0 and shoff == 64 and shentsize == 64
+        and 6 <= shnum <= 8 and shstrndx == 1
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -159,6 +177,7 @@ class XenDumpCore:
         self.table = self._table_section()
         self._check_entry_sizes()
         self._check_sections()
+        self.vcpu_area  # noqa: B018 - validated now, so that its warnings are reported with the rest
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> XenDumpCore:
