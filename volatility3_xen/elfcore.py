@@ -187,6 +187,13 @@ class ElfCore:
             if index == 0:
                 continue
             section_name = names[index]
+            if section_name in sections and not section_name.startswith(_XEN_SECTION_PREFIXES):
+                # Not a section this reader uses: the first one stands, and it is harmless.
+                self.warnings.append(
+                    f"section name {section_name!r} appears twice (indices "
+                    f"{sections[section_name].index} and {index}); the second is ignored"
+                )
+                continue
             if section_name in sections:
                 raise XenCoreFormatException(
                     name,
@@ -207,10 +214,10 @@ class ElfCore:
     def _declared_names(self, headers: list) -> tuple[list[str], str | None]:
         """Section names through ``e_shstrndx``, or the reason they cannot be had.
 
-        A problem with the string table itself (index, extent) is returned, not raised, so
-        that a truncated file - ``.shstrtab`` is the very last thing libxc writes - can fall
-        back to libxc's fixed names.  A name offset outside a readable table is damage to
-        that section's header and is raised at once.
+        Problems are returned, not raised, so that a truncated file - ``.shstrtab`` is the
+        very last thing libxc writes - can fall back to libxc's fixed names; that fallback
+        only accepts headers whose every ``sh_name`` is libxc's, so a damaged name offset
+        still ends in this problem being raised.
         """
         facts = self.facts
         if not 0 < facts.e_shstrndx < facts.e_shnum:
@@ -231,10 +238,9 @@ class ElfCore:
         for index, hdr in enumerate(headers[1:], start=1):
             section_name = _c_string(strtab, hdr.sh_name)
             if section_name is None:
-                raise XenCoreFormatException(
-                    self.name,
+                return [], (
                     f"section {index} has name offset {hdr.sh_name} outside .shstrtab "
-                    f"({len(strtab)} bytes at {offset:#x})",
+                    f"({len(strtab)} bytes at {offset:#x})"
                 )
             names.append(section_name)
         return names, None
@@ -281,6 +287,8 @@ class ElfCore:
 # ``.xen_shared_info`` is optional and the last one is ``.xen_p2m`` (PV) or ``.xen_pfn``.
 _LIBXC_LEAD = (".shstrtab", ".note.Xen", ".xen_prstatus")
 _LIBXC_TABLE_BY_ENTSIZE = {16: ".xen_p2m", 8: ".xen_pfn"}
+# Names this reader looks up (a duplicate of one of them is ambiguous, hence fatal).
+_XEN_SECTION_PREFIXES = (".xen", ".note.Xen", ".shstrtab")
 
 
 def _libxc_names(headers: list) -> list[str] | None:
