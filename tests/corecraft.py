@@ -117,6 +117,8 @@ HEADER_FIELDS = {"magic": 0, "nr_vcpus": 8, "nr_pages": 16, "page_size": 24}
 
 def _put(data: bytearray, offset: int, fmt: str, value: int) -> None:
     size = struct.calcsize(fmt)
+    if offset + size > len(data):  # the field was cut off by an earlier truncation
+        return
     value &= (1 << (8 * size)) - 1
     struct.pack_into(fmt, data, offset, value)
 
