@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import random
+import struct
 import subprocess
 import sys
 import tempfile
@@ -62,7 +63,7 @@ pytestmark = pytest.mark.fuzz
 
 settings.register_profile(
     "ci",
-    max_examples=400,
+    max_examples=1000,
     derandomize=True,
     deadline=timedelta(seconds=5),
     database=None,
@@ -337,3 +338,95 @@ def test_construction_memory_is_bounded(tmp_path: Path) -> None:
     refused, mapped = map(int, result.stdout.split())
     assert refused + mapped == len(paths) and mapped > 0 and refused > 0
     json.dumps(strategy_free)  # the sample stays replayable as plain data
+
+
+# --- PV page tables are data too: looping and self-referencing tables --------------------------
+
+PV_PFNS = list(range(8))
+PV_MFNS = [0x300 + 5 * i for i in range(8)]  # owned machine frames, not pfn-contiguous
+_SLOTS = [0, 1, 2, 255, 256, 511]
+PTE_FLAGS = st.sampled_from([0x0, 0x1, 0x3, 0x7, 0x67, 0x83, 0xE7, 0x8000000000000067])
+pte_targets = st.one_of(
+    st.sampled_from(PV_MFNS),  # a guest frame (maybe the table itself: a loop)
+    st.sampled_from([0, 0x1, 0x2FF, 0xFFFFFFFFF, (1 << 40) - 1]),  # not the guest's
+)
+pv_tables = st.lists(
+    st.tuples(st.integers(0, 7), st.sampled_from(_SLOTS), pte_targets, PTE_FLAGS),
+    min_size=1,
+    max_size=24,
+)
+
+
+def _pv_core(entries: list[tuple[int, int, int, int]]) -> bytes:
+    pages = {i: bytearray(4096) for i in PV_PFNS}  # empty tables but for the drawn entries
+    for page, slot, mfn, flags in entries:
+        struct.pack_into("<Q", pages[page], slot * 8, (mfn << 12) | flags)
+    spec_pages = {i: bytes(p) for i, p in pages.items()}
+    core = make_core("pv", pfns=PV_PFNS, gmfns=PV_MFNS)
+    data = bytearray(core.data)
+    for index, page in spec_pages.items():
+        offset = core.section(".xen_pages").offset + index * 4096
+        data[offset : offset + 4096] = page
+    return bytes(data)
+
+
+def _canonical(l4: int, l3: int, l2: int, l1: int) -> int:
+    address = (l4 << 39) | (l3 << 30) | (l2 << 21) | (l1 << 12)
+    return address | (0xFFFF << 48) if l4 >= 256 else address
+
+
+def check_pv_walk(entries: list[tuple[int, int, int, int]], top_pfn: int) -> None:
+    from volatility3_xen import pv
+
+    path = _TMP / f"pv-{next(_COUNTER)}"
+    path.write_bytes(_pv_core(entries))
+    context = contexts.Context()
+    context.config["FileLayer.location"] = path.as_uri()
+    context.layers.add_layer(FileLayer(context, "FileLayer", "FileLayer"))
+    try:
+        xen = xen_layer.XenDumpCoreStacker.stack(context, "FileLayer")
+        assert isinstance(xen, xen_layer.XenDumpCoreLayer)
+        context.layers.add_layer(xen)
+        context.config["pv.memory_layer"] = xen.name
+        context.config["pv.page_map_offset"] = top_pfn << 12
+        walker = pv.XenPVLinuxIntel32e(context, "pv", "pv")
+        context.layers.add_layer(walker)
+        for l4, l3, l2, l1 in itertools.product(_SLOTS[:3] + _SLOTS[-2:], repeat=4):
+            if (l3, l2, l1) != (l4, l4, l4) and l1 not in (0, 511):
+                continue  # keep the product small: full diagonals plus slot-0/511 leaves
+            address = _canonical(l4, l3, l2, l1)
+            try:
+                data = walker.read(address, 16)
+                physical, _, layer_name = walker._translate(address)
+            except exceptions.InvalidAddressException:
+                continue
+            # A walk that ends anywhere must end on a stored guest page, read through it.
+            assert layer_name == xen.name
+            assert data == xen.read(physical, 16)
+        # A bounded range walk finishes even when tables loop onto themselves.
+        chunks = list(walker.mapping(0, 1 << 24, ignore_errors=True))
+        assert all(xen.is_valid(mapped, length) for _, _, mapped, length, _ in chunks)
+    finally:
+        context.layers["FileLayer"].destroy()
+        path.unlink()
+
+
+PV_REGRESSIONS: list[tuple[list[tuple[int, int, int, int]], int]] = [
+    ([(0, 0, PV_MFNS[0], 0x67)], 0),  # L4[0] -> itself: every level is the same table
+    ([(0, slot, PV_MFNS[0], 0xE7) for slot in _SLOTS], 0),  # self-map with large-page bits
+    ([(0, 0, PV_MFNS[1], 0x67), (1, 0, PV_MFNS[0], 0x67)], 0),  # two tables pointing at each other
+    ([(0, 0, 0xFFFFFFFFF, 0x67)], 0),  # a frame the guest does not own
+]
+
+
+@pytest.mark.parametrize(("entries", "top"), PV_REGRESSIONS)
+def test_pv_table_regressions(entries: list, top: int) -> None:
+    pytest.importorskip("volatility3_xen.pv")
+    check_pv_walk(entries, top)
+
+
+@settings(settings.get_profile(PROFILE), max_examples=60 if PROFILE == "ci" else 1000)
+@given(entries=pv_tables, top=st.integers(0, 7))
+def test_fuzz_pv_page_tables(entries: list, top: int) -> None:
+    pytest.importorskip("volatility3_xen.pv")
+    check_pv_walk(entries, top)
