@@ -35,6 +35,8 @@ vollog = logging.getLogger(__name__)
 # Volatility builds the layer twice per run (stacker, then ConstructionMagic).
 _PAGE_MAP_CACHE: dict[tuple[str, int, int], PageMap] = {}
 _PAGE_MAP_CACHE_SIZE = 4
+# Reads up to this size go through the per-layer read cache; larger ones bypass it.
+_CACHED_READ_MAX = 1 << 16
 # (file, message) pairs already logged, so the second construction does not repeat them.
 _REPORTED: set[tuple[str, str]] = set()
 
@@ -126,13 +128,25 @@ class _RunMappedLayer(linear.LinearlyMappedLayer):
                     return
                 offset = run_addr[i]
 
-    # Cached like Volatility's own LinearlyMappedLayer.read, which this replaces.
-    @functools.lru_cache(maxsize=512)  # noqa: B019
     def read(self, offset: int, length: int, pad: bool = False) -> bytes:
+        # Small reads are cached like Volatility's own LinearlyMappedLayer.read, which this
+        # replaces.  Big ones (scanners read 1 MiB+ chunks) are not: a cache of 512 such
+        # results pins hundreds of MiB and makes every chunk a fresh, page-faulting buffer,
+        # which costs several times the read itself.
+        if length <= _CACHED_READ_MAX:
+            return self._cached_read(offset, length, pad)
+        return self._read(offset, length, pad)
+
+    @functools.lru_cache(maxsize=512)  # noqa: B019 - per layer, like LinearlyMappedLayer.read
+    def _cached_read(self, offset: int, length: int, pad: bool) -> bytes:
+        return self._read(offset, length, pad)
+
+    def _read(self, offset: int, length: int, pad: bool) -> bytes:
         # Fast path: the whole request lies in one run (almost every read does).
-        i = bisect_right(self._run_addr, offset) - 1
+        run_addr = self._run_addr
+        i = bisect_right(run_addr, offset) - 1
         if i >= 0:
-            delta = offset - self._run_addr[i]
+            delta = offset - run_addr[i]
             if delta + length <= self._run_size[i]:
                 return self._context.layers[self._target_layer].read(
                     self._run_target[i] + delta, length, pad
@@ -140,6 +154,11 @@ class _RunMappedLayer(linear.LinearlyMappedLayer):
         return linear.LinearlyMappedLayer.read.__wrapped__(self, offset, length, pad)
 
     def is_valid(self, offset: int, length: int = 1) -> bool:
+        # Fast path (Intel layers ask this for every page they map): inside one run.
+        run_addr = self._run_addr
+        i = bisect_right(run_addr, offset) - 1
+        if i >= 0 and length > 0 and offset - run_addr[i] + length <= self._run_size[i]:
+            return True
         try:
             return sum(chunk for _, chunk, _, _, _ in self.mapping(offset, length)) == length
         except exceptions.InvalidAddressException:
