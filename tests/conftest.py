@@ -31,8 +31,14 @@ def vol_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from volatility3.cli import main; sys.exit(main())"]
 
 
+# A private symbol-identifier cache: vol runs elsewhere on the machine with other ``-s``
+# directories rewrite the shared ~/.cache/volatility3 one, and banner lookups then miss.
+VOL_CACHE = CACHE / "volatility3-cache"
+
+
 def run_vol(*args: str, plugins: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    command = vol_command() + ["-q"]
+    VOL_CACHE.mkdir(parents=True, exist_ok=True)
+    command = vol_command() + ["-q", "--cache-path", str(VOL_CACHE)]
     if plugins:
         command += ["-p", str(PLUGINS)]
     return subprocess.run(
