@@ -23,10 +23,12 @@ Profiles: ``ci`` (default; derandomized, bounded to well under two minutes) and 
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -185,6 +187,7 @@ def apply(base: str, recipe: list[list]) -> tuple[Core, bool]:
 
 _COUNTER = itertools.count()
 _TMP = Path(tempfile.mkdtemp(prefix="vx3-fuzz-"))
+atexit.register(shutil.rmtree, _TMP, True)
 
 
 def check(base: str, recipe: list[list], through_stacker: bool = True) -> str:
