@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator
 
 from volatility3.framework import interfaces, renderers
+from volatility3.framework.renderers import format_hints
 
 # Makes volatility3_xen importable from a source checkout (``vol -p plugins``).
 from volatility3.plugins.xen import stackers  # noqa: F401
@@ -21,12 +22,21 @@ from volatility3_xen.magic import XenCoreRequirement
 vollog = logging.getLogger(__name__)
 
 
+def _number(fact: report.Fact) -> int | interfaces.renderers.BaseAbsentValue:
+    """The fact as a typed integer (bools and text have none)."""
+    if isinstance(fact.value, bool) or not isinstance(fact.value, int):
+        return renderers.NotApplicableValue()
+    return format_hints.Hex(fact.value) if fact.hex else fact.value
+
+
 class Info(interfaces.plugins.PluginInterface):
     """Shows the facts of a Xen dump-core (xl dump-core): notes, sections, page table.
 
-    Columns: Group, Field, Value (as text) and Note (where a value comes from or why it
-    may mislead, e.g. virt_start is dom0's, not the guest's).  The same facts are
-    available to scripts as volatility3_xen.report.core_facts().
+    Columns: Group, Field, Value (as text), Number (the same value typed as an integer,
+    hex for addresses, where the fact is a number, so that ``-r json``/``-r csv`` give
+    machine-readable values) and Note (where a value comes from or why it may mislead,
+    e.g. virt_start is dom0's, not the guest's).  The same facts are available to
+    scripts as volatility3_xen.report.core_facts().
     """
 
     _required_framework_version = (2, 0, 0)
@@ -36,17 +46,17 @@ class Info(interfaces.plugins.PluginInterface):
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
         return [XenCoreRequirement(name="primary")]
 
-    def _generator(self) -> Iterator[tuple[int, tuple[str, str, str, str]]]:
+    def _generator(self) -> Iterator[tuple[int, tuple]]:
         layer = api.find_xen_layer(self.context, self.config["primary"])
         if layer is None:  # XenCoreRequirement guarantees one; a hand-made config may not
             vollog.error(f"{self.config['primary']} is not a Xen dump-core layer")
             return
         for fact in report.core_facts(layer.core):
             value = renderers.NotAvailableValue() if fact.value is None else fact.text
-            yield 0, (fact.group, fact.field, value, fact.hint)
+            yield 0, (fact.group, fact.field, value, _number(fact), fact.hint)
 
     def run(self) -> renderers.TreeGrid:
         return renderers.TreeGrid(
-            [("Group", str), ("Field", str), ("Value", str), ("Note", str)],
+            [("Group", str), ("Field", str), ("Value", str), ("Number", int), ("Note", str)],
             self._generator(),
         )
