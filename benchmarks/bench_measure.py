@@ -1,0 +1,408 @@
+"""The measurements: each figure is taken beside its baseline in the same run.
+
+In-process: our layer's construction and reads, against raw ``FileLayer`` reads.
+Subprocesses: Volatility's built-in ``XenCoreDumpLayer`` (so a slow open can be cut off by a
+timeout), libkdumpfile (Debian's module lives in the system python only), peak memory (a fresh
+process gives a clean RSS high-water mark) and ``vol linux.pslist`` runs.
+
+Run as a script, this module is the fresh-process worker:
+``python bench_measure.py memory|open CORE``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from volatility3.framework import contexts  # noqa: E402
+from volatility3.framework.layers import physical  # noqa: E402
+
+from volatility3_xen import layer as xen_layer  # noqa: E402
+
+PAGE = 4096
+MIB = 1 << 20
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+Result = dict[str, Any]
+
+
+# -- our layer, in process ---------------------------------------------------------------------
+
+
+def clear_layer_caches() -> None:
+    """Forget page maps, reported warnings and cached reads: the next open is cold."""
+    xen_layer._PAGE_MAP_CACHE.clear()
+    xen_layer._REPORTED.clear()
+    xen_layer._RunMappedLayer._cached_read.cache_clear()
+
+
+def file_layer(path: Path) -> tuple[contexts.Context, physical.FileLayer]:
+    """A fresh context holding a ``FileLayer`` on ``path`` (as vol builds it)."""
+    context = contexts.Context()
+    context.config["bench_file.location"] = path.resolve().as_uri()
+    base = physical.FileLayer(context, "bench_file", "bench_file")
+    context.add_layer(base)
+    return context, base
+
+
+def construct(path: Path) -> tuple[float, xen_layer.XenDumpCoreLayer, physical.FileLayer]:
+    """Seconds to construct ``XenDumpCoreLayer`` on a ``FileLayer`` in a fresh context."""
+    context, base = file_layer(path)
+    context.config["bench_xen.base_layer"] = base.name
+    start = time.perf_counter()
+    layer = xen_layer.XenDumpCoreLayer(context, "bench_xen", "bench_xen")
+    return time.perf_counter() - start, layer, base
+
+
+def open_ours(path: Path, reps: int, probe: int, expected: bytes) -> Result:
+    """Median cold construction (page-map cache cleared), median second construction (what
+    vol's second build costs) and the first 4 KiB read after a cold open."""
+    cold, second, first_read = [], [], []
+    for _ in range(reps):
+        clear_layer_caches()
+        gc.collect()
+        seconds, layer, _ = construct(path)
+        start = time.perf_counter()
+        data = layer.read(probe, PAGE)
+        first_read.append(time.perf_counter() - start)
+        if data != expected:
+            raise AssertionError(f"{path}: wrong bytes at {probe:#x}")
+        cold.append(seconds)
+        del layer
+    for _ in range(reps):
+        seconds, layer, _ = construct(path)
+        second.append(seconds)
+        del layer
+    return {
+        "cold_s": statistics.median(cold),
+        "cold_all_s": cold,
+        "second_s": statistics.median(second),
+        "first_read_s": statistics.median(first_read),
+    }
+
+
+def check_pages(layer: xen_layer.XenDumpCoreLayer, pages: dict[int, bytes]) -> None:
+    """A benchmark that reads wrong bytes measures nothing: check before timing."""
+    for address, expected in pages.items():
+        if layer.read(address, len(expected)) != expected:
+            raise AssertionError(f"{layer.name}: wrong bytes at {address:#x}")
+
+
+def _best_of(rounds: int, *runs: Callable[[], float]) -> list[float]:
+    """Run each timing function once to warm up, then ``rounds`` times interleaved; the best
+    time of each (least disturbed by the other tenants of this machine)."""
+    for run in runs:
+        run()
+    best = [float("inf")] * len(runs)
+    for _ in range(rounds):
+        for i, run in enumerate(runs):
+            best[i] = min(best[i], run())
+    return best
+
+
+def sequential(
+    layer: xen_layer.XenDumpCoreLayer,
+    base: physical.FileLayer,
+    address: int,
+    file_offset: int,
+    length: int,
+    rounds: int,
+    chunk: int = MIB,
+) -> Result:
+    """1 MiB reads over ``[address, address+length)`` through the layer, and over the same
+    number of bytes of the file from ``file_offset`` through the ``FileLayer``."""
+    count = length // chunk
+    layer_read, file_read = layer.read, base.read
+
+    def through_layer() -> float:
+        xen_layer._RunMappedLayer._cached_read.cache_clear()
+        start = time.perf_counter()
+        for k in range(count):
+            layer_read(address + k * chunk, chunk, True)
+        return time.perf_counter() - start
+
+    def through_file() -> float:
+        start = time.perf_counter()
+        for k in range(count):
+            file_read(file_offset + k * chunk, chunk, True)
+        return time.perf_counter() - start
+
+    layer_s, raw_s = _best_of(rounds, through_layer, through_file)
+    return _throughput(count * chunk, layer_s, raw_s)
+
+
+def random_pages(
+    layer: xen_layer.XenDumpCoreLayer,
+    base: physical.FileLayer,
+    pfns: np.ndarray,
+    rounds: int,
+) -> Result:
+    """4 KiB reads of distinct pages (so the read cache never hits), in random order, through
+    the layer and straight from the file at the pages' offsets."""
+    core, page_map = layer.core, layer.page_map
+    addresses = [int(pfn) << core.page_shift for pfn in pfns]
+    offsets = [core.page_offset(page_map.page_index(int(pfn))) for pfn in pfns]
+    for address, offset in zip(addresses[:64], offsets[:64]):
+        if layer.read(address, PAGE) != base.read(offset, PAGE):
+            raise AssertionError(f"{layer.name}: page {address:#x} differs from the file")
+    layer_read, file_read = layer.read, base.read
+
+    def through_layer() -> float:
+        xen_layer._RunMappedLayer._cached_read.cache_clear()
+        start = time.perf_counter()
+        for address in addresses:
+            layer_read(address, PAGE)
+        return time.perf_counter() - start
+
+    def through_file() -> float:
+        start = time.perf_counter()
+        for offset in offsets:
+            file_read(offset, PAGE)
+        return time.perf_counter() - start
+
+    layer_s, raw_s = _best_of(rounds, through_layer, through_file)
+    result = _throughput(len(addresses) * PAGE, layer_s, raw_s)
+    result["reads"] = len(addresses)
+    result["layer_us_per_read"] = layer_s / len(addresses) * 1e6
+    result["raw_us_per_read"] = raw_s / len(addresses) * 1e6
+    return result
+
+
+def _throughput(nbytes: int, layer_s: float, raw_s: float) -> Result:
+    return {
+        "bytes": nbytes,
+        "layer_s": layer_s,
+        "raw_s": raw_s,
+        "layer_mib_s": nbytes / MIB / layer_s,
+        "raw_mib_s": nbytes / MIB / raw_s,
+        "ratio": raw_s / layer_s,  # layer speed as a fraction of raw speed
+    }
+
+
+def mapped_pfns(layer: xen_layer.XenDumpCoreLayer) -> np.ndarray:
+    runs = layer.page_map.pfn_runs
+    return np.concatenate(
+        [np.arange(k, k + c, dtype=np.uint64) for k, c in zip(runs.key, runs.count)]
+    )
+
+
+# -- other readers, in subprocesses --------------------------------------------------------------
+
+_BUILTIN_WORKER = """
+import json, sys, time
+from volatility3.framework import contexts
+from volatility3.framework.layers import physical, xen
+context = contexts.Context()
+context.config["base.location"] = sys.argv[1]
+context.add_layer(physical.FileLayer(context, "base", "base"))
+context.config["xen.base_layer"] = "base"
+start = time.perf_counter()
+try:
+    xen.XenCoreDumpLayer(context, "xen", "xen")
+    print(json.dumps({"seconds": time.perf_counter() - start}))
+except Exception as exc:
+    print(json.dumps({"error": f"{type(exc).__name__}: {exc}"[:200]}))
+"""
+
+
+def open_builtin(path: Path, timeout: float) -> Result:
+    """Construction time of Volatility's ``XenCoreDumpLayer`` (measured in the subprocess)."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _BUILTIN_WORKER, path.resolve().as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    return _last_json(done)
+
+
+_KDUMP_WORKER = """
+import json, sys, time, kdumpfile
+path, address, reps, expected = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+times = []
+for _ in range(reps):
+    start = time.perf_counter()
+    dump = kdumpfile.kdumpfile(path)
+    data = bytes(dump.read(kdumpfile.KDUMP_KPHYSADDR, address, 4096))
+    times.append(time.perf_counter() - start)
+    del dump
+times.sort()
+print(json.dumps({"seconds": times[len(times) // 2], "all_s": times,
+                  "correct": data[:16].hex() == expected}))
+"""
+
+
+def open_kdumpfile(path: Path, address: int, expected: bytes, reps: int) -> Result:
+    """libkdumpfile open + first 4 KiB read, median of ``reps`` (timed in the subprocess)."""
+    if not Path(SYSTEM_PYTHON).exists():
+        return {"error": f"{SYSTEM_PYTHON} missing"}
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-c", _KDUMP_WORKER, str(path), str(address), str(reps), expected.hex()],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    return _last_json(done)
+
+
+def memory(path: Path) -> Result:
+    """Peak memory of a cold open, measured in a fresh process (see ``_memory_worker``)."""
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "memory", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    return _last_json(done)
+
+
+def open_fresh_process(path: Path, reps: int) -> Result:
+    """Cold construction in ``reps`` new interpreters (as each ``vol`` run pays it: first
+    touch of every page of the table buffers), median."""
+    times = []
+    for _ in range(reps):
+        done = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "open", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        result = _last_json(done)
+        if "error" in result:
+            return result
+        times.append(result["seconds"])
+    return {"seconds": statistics.median(times), "all_s": times}
+
+
+def _last_json(done: subprocess.CompletedProcess) -> Result:
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {done.returncode}: {tail[:200]}"}
+    return json.loads(lines[-1])
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: ``5`` into clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") <= _status_kib("VmRSS") + 1024
+
+
+def _memory_worker(path: Path) -> Result:
+    clear_layer_caches()
+    gc.collect()
+    rss_before = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    _, layer, _ = construct(path)
+    peak_kib, rss_after = _status_kib("VmHWM"), _status_kib("VmRSS")
+    page_map = layer.page_map
+    result: Result = {
+        "table_bytes": layer.core.table.size,
+        "maps_bytes": page_map.nbytes(),
+        "layer_run_bytes": sum(len(a) * a.itemsize for a in _layer_runs(layer)),
+        "pfn_runs": len(page_map.pfn_runs),
+        "peak_rss_delta_bytes": (peak_kib - rss_before) * 1024 if reset else None,
+        "held_rss_bytes": (rss_after - rss_before) * 1024,
+    }
+    if layer.is_pv:
+        result["m2p_runs"] = len(page_map.m2p_runs)
+        result["maps_after_m2p_bytes"] = page_map.nbytes()
+    del layer, page_map
+    clear_layer_caches()
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    _, layer, _ = construct(path)
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    result["tracemalloc_peak_bytes"] = peak - before
+    result["tracemalloc_held_bytes"] = current - before
+    return result
+
+
+def _layer_runs(layer: xen_layer.XenDumpCoreLayer) -> list:
+    return [layer._run_addr, layer._run_target, layer._run_size]
+
+
+def pslist(core: Path, raw: Path, symbols: Path, rounds: int) -> Result:
+    """Wall time of ``vol linux.pslist`` on the core and on the raw image, alternating;
+    medians, and whether both printed the same table."""
+    times: dict[str, list[float]] = {"core": [], "raw": []}
+    outputs: dict[str, str] = {}
+    for _ in range(rounds):
+        for name, target in (("core", core), ("raw", raw)):
+            command = _vol_command() + ["-q", "-p", str(REPO / "plugins"), "-s", str(symbols)]
+            command += ["-f", str(target), "linux.pslist"]
+            for _attempt in range(2):  # one retry: plugins/ is shared with live work
+                start = time.perf_counter()
+                done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+                if done.returncode == 0:
+                    break
+            times[name].append(time.perf_counter() - start)
+            if done.returncode != 0:
+                tail = (done.stderr.strip().splitlines() or [""])[-1][:160]
+                return {"error": f"vol on {target.name} exited {done.returncode}: {tail}"}
+            outputs[name] = "\n".join(
+                line for line in done.stdout.splitlines() if line and "Volatility 3" not in line
+            )
+    core_s, raw_s = statistics.median(times["core"]), statistics.median(times["raw"])
+    return {
+        "core_s": core_s,
+        "raw_s": raw_s,
+        "core_all_s": times["core"],
+        "raw_all_s": times["raw"],
+        "ratio": core_s / raw_s,
+        "same_output": outputs["core"] == outputs["raw"],
+        "processes": outputs["core"].count("\n"),
+    }
+
+
+def _vol_command() -> list[str]:
+    script = Path(sys.executable).with_name("vol")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("vol")
+    return [found] if found else [sys.executable, "-m", "volatility3.cli"]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "memory":
+        print(json.dumps(_memory_worker(Path(sys.argv[2]))))
+    elif len(sys.argv) == 3 and sys.argv[1] == "open":
+        print(json.dumps({"seconds": construct(Path(sys.argv[2]))[0]}))
+    else:
+        sys.exit("usage: bench_measure.py memory|open CORE")
