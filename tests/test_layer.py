@@ -226,3 +226,22 @@ def test_builtin_layer_drops_pfn_0(tmp_path: Path) -> None:
     assert builtin.maximum_address > 1 << 64  # the ~0 padding entry mapped near 2^76
     _, ours = open_layer(path)
     assert ours.is_valid(0) and ours.maximum_address == 2 * PAGE - 1
+
+
+def test_page_map_cache_never_serves_a_rewritten_file(tmp_path: Path) -> None:
+    """Same path, same size, mtime restored (``cp -p``): the new table must be used."""
+    import os
+
+    path = tmp_path / "same.core"
+    first = np.array([0, 1, 2, 3], dtype=np.uint64)
+    second = np.array([4, 5, 6, 7], dtype=np.uint64)
+    write_spec(path, CoreSpec(kind="hvm", pfns=first, pages=explicit_pages(first)))
+    stat = os.stat(path)
+    _, layer = open_layer(path)
+    assert layer.is_valid(0)
+    write_spec(path, CoreSpec(kind="hvm", pfns=second, pages=explicit_pages(second)))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size
+    _, layer = open_layer(path)
+    assert not layer.is_valid(0)
+    check_every_page(layer, second, PAGE)

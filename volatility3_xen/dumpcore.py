@@ -351,8 +351,8 @@ class XenDumpCore:
         else:
             pfns, gmfns = words, None
         # Native byte order for fast comparisons; astype copies only when it must.
-        pfns = pfns.astype(np.uint64)
-        gmfns = gmfns.astype(np.uint64) if gmfns is not None else None
+        pfns = pfns.astype(np.uint64, copy=False)
+        gmfns = gmfns.astype(np.uint64, copy=False) if gmfns is not None else None
         page_map = PageMap(pfns, gmfns, self.max_pfn)
         self.warnings.extend(page_map.warnings)
         if page_map.stats.valid == 0:

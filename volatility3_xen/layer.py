@@ -33,7 +33,10 @@ vollog = logging.getLogger(__name__)
 
 # Page maps of files already opened in this process, keyed by (path, size, mtime):
 # Volatility builds the layer twice per run (stacker, then ConstructionMagic).
-_PAGE_MAP_CACHE: dict[tuple[str, int, int], PageMap] = {}
+# The inode and ctime are in the key too: a file rewritten in place with the same size
+# and a restored mtime (``cp -p``, tar) must not reuse the old map.
+FileIdentity = tuple[str, int, int, int, int]
+_PAGE_MAP_CACHE: dict[FileIdentity, PageMap] = {}
 _PAGE_MAP_CACHE_SIZE = 4
 # Reads up to this size go through the per-layer read cache; larger ones bypass it.
 _CACHED_READ_MAX = 1 << 16
@@ -41,7 +44,7 @@ _CACHED_READ_MAX = 1 << 16
 _REPORTED: set[tuple[str, str]] = set()
 
 
-def _file_identity(layer: interfaces.layers.DataLayerInterface) -> tuple[str, int, int] | None:
+def _file_identity(layer: interfaces.layers.DataLayerInterface) -> FileIdentity | None:
     location = getattr(layer, "location", None)
     if not isinstance(location, str) or not location.startswith("file:"):
         return None
@@ -50,7 +53,7 @@ def _file_identity(layer: interfaces.layers.DataLayerInterface) -> tuple[str, in
         stat = os.stat(path)
     except OSError:
         return None
-    return path, stat.st_size, stat.st_mtime_ns
+    return path, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns
 
 
 def _base_reader(base: interfaces.layers.DataLayerInterface):
@@ -237,6 +240,11 @@ class XenDumpCoreLayer(_RunMappedLayer):
         return self._core
 
     @property
+    def source(self) -> str:
+        """The file's path (or the base layer's name): what messages are about."""
+        return self._source
+
+    @property
     def page_map(self) -> PageMap:
         return self._page_map
 
@@ -300,6 +308,9 @@ class XenMachineLayer(_RunMappedLayer):
             raise XenCoreFormatException(name, f"{self._target_layer} is not a Xen dump-core layer")
         runs = xen_layer.page_map.m2p_runs if xen_layer.is_pv else _identity_runs(xen_layer)
         self._set_runs(runs, xen_layer.core.page_shift)
+        # Building the reverse map may have found shared machine frames: say so now.
+        for warning in xen_layer.page_map.warnings:
+            _report_once(xen_layer.source, warning)
 
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:

@@ -106,28 +106,40 @@ class PageMap:
     def __init__(self, pfns: np.ndarray, gmfns: np.ndarray | None, max_pfn: int) -> None:
         self.warnings: list[str] = []
         entries = len(pfns)
-        index = np.arange(entries, dtype=np.uint64)
         padding_mask = pfns == INVALID
         if gmfns is not None:
             # {~0, ~0} is padding; a lone ~0 in one column is damage, and dropped too.
             padding_mask |= gmfns == INVALID
-        keep = ~padding_mask
         padding = int(np.count_nonzero(padding_mask))
-        beyond_mask = keep & (pfns >= np.uint64(max_pfn))
+        beyond_mask = pfns >= np.uint64(max_pfn)
+        beyond_mask &= ~padding_mask
         beyond = int(np.count_nonzero(beyond_mask))
         if beyond:
-            keep &= ~beyond_mask
             self.warnings.append(
                 f"{beyond} table entries name pfns beyond the physical address limit "
                 f"(pfn >= {max_pfn:#x}); they are ignored"
             )
-        if padding and not bool(np.all(padding_mask[entries - padding :])):
+        tail_only = bool(np.all(padding_mask[entries - padding :]))
+        if padding and not tail_only:
             self.warnings.append(
                 "padding entries (~0) found inside the table, not only at its end; they are skipped"
             )
-        pfn_valid = pfns[keep]
-        idx_valid = index[keep]
-        gmfn_valid = gmfns[keep] if gmfns is not None else None
+        if gmfns is not None:
+            # A contiguous copy, so that the raw 16-byte-per-entry table can be freed.
+            gmfns = np.ascontiguousarray(gmfns)
+        if tail_only and not beyond:
+            # libxc's layout: every entry valid except ~0 padding at the end.  Slices, not
+            # boolean gathers: no copy of the table and no index array to build.
+            valid = entries - padding
+            pfn_valid = pfns[:valid]
+            idx_valid = np.arange(valid, dtype=np.uint64)
+            gmfn_valid = gmfns[:valid] if gmfns is not None else None
+        else:
+            keep = ~(padding_mask | beyond_mask)
+            idx_valid = np.flatnonzero(keep).astype(np.uint64)
+            pfn_valid = pfns[keep]
+            gmfn_valid = gmfns[keep] if gmfns is not None else None
+        del padding_mask, beyond_mask
 
         is_sorted = bool(np.all(pfn_valid[1:] > pfn_valid[:-1]))
         duplicates = 0
@@ -150,13 +162,13 @@ class PageMap:
                 self.warnings.append("the page table is not sorted by pfn; sorted it in memory")
 
         self.pfn_runs = Runs.from_sorted(pfn_valid, idx_valid)
+        del idx_valid
         # The machine frame of every stored page, by page index (PV only).
-        self._gmfn_by_index: np.ndarray | None = None
+        self._gmfn_by_index: np.ndarray | None = gmfns
         self._gmfn_valid = gmfn_valid
-        self._pfn_valid_for_m2p = pfn_valid if gmfn_valid is not None else None
-        if gmfns is not None:
-            # A contiguous copy, so that the raw 16-byte-per-entry table can be freed.
-            self._gmfn_by_index = np.ascontiguousarray(gmfns)
+        self._pfn_valid_for_m2p = (
+            np.ascontiguousarray(pfn_valid) if gmfn_valid is not None else None
+        )
         self._m2p: Runs | None = None
         self.stats = TableStats(
             entries=entries,
@@ -225,7 +237,7 @@ class PageMap:
         """Memory held by the maps (for the benchmark's memory column)."""
         total = self.pfn_runs.nbytes()
         for extra in (self._gmfn_by_index, self._gmfn_valid, self._pfn_valid_for_m2p):
-            if extra is not None:
+            if extra is not None and extra.base is None:  # views cost nothing extra
                 total += extra.nbytes
         if self._m2p is not None:
             total += self._m2p.nbytes()
