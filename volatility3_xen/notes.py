@@ -175,8 +175,9 @@ def decode_notes(data: bytes, base_offset: int, byteorder: str, e_machine: int) 
     return result
 
 
-# xen_version desc: fixed-size strings, then platform_parameters.virt_start and pagesize.
-_VERSION_STRINGS = (
+# xen_version desc: fixed-size strings (name, offset, size), then
+# platform_parameters.virt_start and pagesize.  The writer uses the same table.
+XEN_VERSION_STRINGS = (
     ("extra", 16, 16),
     ("compiler", 32, 64),
     ("compile_by", 96, 16),
@@ -199,7 +200,7 @@ def decode_xen_version(desc: bytes, prefix: str, e_machine: int) -> XenVersion |
     if len(desc) < 1276:
         return None
     major, minor = struct.unpack_from(prefix + "QQ", desc)
-    strings = {name: _text(desc[start : start + size]) for name, start, size in _VERSION_STRINGS}
+    strings = {name: _text(desc[start : start + size]) for name, start, size in XEN_VERSION_STRINGS}
     if len(desc) >= 1280 and e_machine != EM_386:
         virt_start, pagesize = struct.unpack_from(prefix + "QQ", desc, _VIRT_START)
         layout = "64-bit"

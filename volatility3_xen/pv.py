@@ -35,6 +35,7 @@ from volatility3.framework.automagic import windows as windows_automagic
 from volatility3.framework.layers import intel
 
 from . import vcpu as xen_vcpu
+from .api import find_xen_layer
 from .layer import XenDumpCoreLayer
 
 vollog = logging.getLogger(__name__)
@@ -43,23 +44,6 @@ PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 _PAGE_OFFSET_MASK = PAGE_SIZE - 1
 _path_join = interfaces.configuration.path_join
-
-
-def find_xen_layer(
-    context: interfaces.context.ContextInterface, layer_name: str
-) -> XenDumpCoreLayer | None:
-    """The first ``XenDumpCoreLayer`` at or below ``layer_name`` (breadth first)."""
-    queue, seen = [layer_name], set()
-    while queue:
-        name = queue.pop(0)
-        if name in seen or name not in context.layers:
-            continue
-        seen.add(name)
-        layer = context.layers[name]
-        if isinstance(layer, XenDumpCoreLayer):
-            return layer
-        queue.extend(layer.dependencies)
-    return None
 
 
 class XenPVMixin(intel.Intel):

@@ -29,6 +29,7 @@ from typing import Union
 
 from . import vcpu as vcpu_mod
 from .dumpcore import XenDumpCore
+from .elfcore import Section
 from .notes import NOTE_TYPE_NAMES
 from .sharedinfo import SharedInfo, decode_shared_info
 from .vcpu import LAYOUT_ARM, LAYOUT_X86_32, LAYOUT_X86_64, VcpuContext
@@ -134,24 +135,9 @@ def decoded_shared_info(core: XenDumpCore, layout: str | None = None) -> SharedI
 # -- xen.info --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SectionRow:
-    """One ELF section of the file, in section-header order."""
-
-    index: int
-    name: str
-    type: int
-    offset: int
-    size: int
-    entsize: int
-    addralign: int
-
-
-def section_rows(core: XenDumpCore) -> list[SectionRow]:
-    return [
-        SectionRow(s.index, s.name, s.type, s.offset, s.size, s.entsize, s.addralign)
-        for s in sorted(core.sections.values(), key=lambda s: s.index)
-    ]
+def section_rows(core: XenDumpCore) -> list[Section]:
+    """The file's sections in section-header order."""
+    return sorted(core.sections.values(), key=lambda section: section.index)
 
 
 def core_facts(core: XenDumpCore) -> list[Fact]:

@@ -23,6 +23,8 @@ from typing import Any, Literal, Union
 
 import numpy as np
 
+from .notes import XEN_VERSION_STRINGS
+
 # --- constants from the Xen headers (values in dump-core-layout.md) -------------------------------
 
 EM_386 = 3
@@ -71,17 +73,8 @@ LIBXC_HVM_HOLES: tuple[tuple[int, int], ...] = ((0xA0, 0xC0), (0xF0000, 0x100000
 GENERATED_MARKER = "volatility3-xen generated test core"
 GENERATED_EXTRA = ".gen-vx3"
 
-# xen_version descriptor layout (64-bit toolstack): char-array fields (offset, size), then
+# xen_version descriptor (64-bit toolstack): the strings of notes.XEN_VERSION_STRINGS, then
 # virt_start @1264 and pagesize @1272, total 1280 bytes.  A 32-bit toolstack packs pagesize at 1268.
-_XV_STRINGS: tuple[tuple[str, int, int], ...] = (
-    ("extra", 16, 16),
-    ("compiler", 32, 64),
-    ("compile_by", 96, 16),
-    ("compile_domain", 112, 32),
-    ("compile_date", 144, 32),
-    ("capabilities", 176, 1024),
-    ("changeset", 1200, 64),
-)
 _XV_DESC_SIZE_64 = 1280
 _XV_DESC_SIZE_32 = 1276
 
@@ -523,12 +516,12 @@ def _xen_version_desc(spec: CoreSpec) -> bytes:
     if layout not in ("x86_64", "pv32", "toolstack32"):
         raise ValueError(f"unknown xen_version_layout {layout!r}")
     changeset = xv.changeset if spec.marker is None else spec.marker
-    values = {s: getattr(xv, s) for s, _, _ in _XV_STRINGS} | {"changeset": changeset}
+    values = {s: getattr(xv, s) for s, _, _ in XEN_VERSION_STRINGS} | {"changeset": changeset}
     pagesize = spec.page_size if xv.pagesize is None else xv.pagesize
 
     desc = bytearray(_XV_DESC_SIZE_64)
     struct.pack_into(e + "QQ", desc, 0, xv.major, xv.minor)
-    for name, off, size in _XV_STRINGS:
+    for name, off, size in XEN_VERSION_STRINGS:
         desc[off : off + size] = _fixed_str(values[name], size, name)
     if layout == "toolstack32":
         # i386 toolstack: xen_ulong_t virt_start is 4 bytes and the u64 pagesize is 4-aligned.
