@@ -47,7 +47,7 @@ def _builtin_cell(row: Run) -> str:
         return _ms(builtin["seconds"])
     if builtin.get("estimate_s") is not None:
         return f"~{_ms(builtin['estimate_s'])} (extrapolated)"
-    return f"fails ({builtin.get('error', '?')[:48]})"
+    return f"fails ({builtin.get('error', '?').split(':', 1)[0]})"
 
 
 def builtin_seconds(row: Run) -> float | None:
