@@ -4,8 +4,13 @@ exactly what CI runs, and the example output the sample really prints."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-from .conftest import REPO
+import pytest
+
+from volatility3_xen import samples
+
+from .conftest import CACHE, REPO, run_vol
 
 
 def quick_start_commands() -> list[str]:
@@ -26,3 +31,27 @@ def test_quick_start_has_exactly_two_commands() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     ci_lines = (REPO / ".ci" / "run").read_text().splitlines()
     assert quick_start_commands()[1] in ci_lines
+
+
+def readme_examples() -> dict[str, list[str]]:
+    """``<!-- example: PLUGIN -->`` blocks: lines vol printed, possibly a subset of them."""
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"<!-- example: (\S+) -->\n```\n(.*?)```", text, re.S)
+    return {plugin: block.splitlines() for plugin, block in blocks}
+
+
+@pytest.fixture(scope="module")
+def pv_sample() -> Path:
+    """The bundled guest's PV core (built once into the repository's .cache)."""
+    return samples.build_sample("pv", cache=CACHE / "samples", status=lambda _message: None)
+
+
+@pytest.mark.parametrize("plugin", ["xen.info", "xen.vcpus", "linux.pstree"])
+def test_readme_example_is_real_output(plugin: str, pv_sample: Path) -> None:
+    example = readme_examples()[plugin]
+    assert len(example) >= 2, f"README example for {plugin} is empty"
+    result = run_vol("-s", str(REPO / "samples" / "symbols"), "-f", str(pv_sample), plugin)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = set(result.stdout.splitlines())
+    missing = [line for line in example if line not in printed]
+    assert not missing, f"README lines {plugin} does not print: {missing}"
