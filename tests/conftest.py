@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import lzma
 import os
 import shutil
@@ -14,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VX3_SHARED", REPO.parent / "shared"))
 GUEST_XZ = SHARED / "guests" / "imageC.raw.xz"
+GUEST_SHA256 = SHARED / "guests" / "imageC.raw.sha256"
 SYMBOLS = SHARED / "guests" / "symbols"
 EXPECTED = SHARED / "guests" / "expected"
 CACHE = Path(os.environ.get("VX3_CACHE", REPO / ".cache"))
@@ -51,17 +53,30 @@ def strip_banner(output: str) -> list[str]:
     return [line for line in output.splitlines() if line and not line.startswith("Volatility 3")]
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @pytest.fixture(scope="session")
 def guest_image() -> Path:
-    """The real guest's raw memory (decompressed once into the cache)."""
+    """The real guest's raw memory, decompressed once into the cache and checked against
+    its published sha256."""
     if not GUEST_XZ.exists():
         pytest.skip(f"real guest image not available ({GUEST_XZ} missing: ../shared absent)")
+    want = GUEST_SHA256.read_text().split()[0]
     target = CACHE / "imageC.raw"
-    if not target.exists() or target.stat().st_size != 128 << 20:
+    if not target.exists() or sha256_of(target) != want:
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".part")
+        partial = target.with_suffix(f".{os.getpid()}.part")
         with lzma.open(GUEST_XZ) as source, open(partial, "wb") as out:
-            shutil.copyfileobj(source, out, 1 << 20)
+            shutil.copyfileobj(source, out, 8 << 20)
+        if sha256_of(partial) != want:
+            partial.unlink()
+            pytest.fail(f"{GUEST_XZ} does not decompress to sha256 {want}")
         partial.replace(target)
     return target
 

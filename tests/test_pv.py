@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import lzma
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -32,6 +30,8 @@ from volatility3.framework.layers import intel, physical
 from volatility3_xen import pv, writer
 from volatility3_xen.layer import XenDumpCoreLayer
 
+from .conftest import REPO, SHARED, sha256_of
+
 PAGE = 4096
 ZERO_PAGE = bytes(PAGE)
 ALL_ONES = (1 << 64) - 1
@@ -44,8 +44,6 @@ PAT_LARGE = 0x1000
 PROTNONE = 0x100
 NX = 1 << 63
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 GUEST = SHARED / "guests"
 
 
@@ -604,35 +602,6 @@ GUEST_ROOTS = (
 GUEST_SEED = 0x5EED
 
 
-def _guest_or_skip() -> None:
-    if not (GUEST / "imageC.raw.xz").exists():
-        pytest.skip(f"real guest data not found at {GUEST} (../shared beside the checkout)")
-
-
-def _raw_image(cache: Path) -> Path:
-    """The decompressed guest image, checked against its published sha256."""
-    want = (GUEST / "imageC.raw.sha256").read_text().split()[0]
-    for candidate in (REPO / ".cache" / "imageC.raw", REPO.parent / "cache" / "imageC.raw"):
-        if candidate.exists() and _sha256(candidate) == want:
-            return candidate
-    target = cache / "imageC.raw"
-    if not (target.exists() and _sha256(target) == want):
-        partial = target.with_suffix(f".{os.getpid()}.part")
-        with lzma.open(GUEST / "imageC.raw.xz") as source, open(partial, "wb") as out:
-            shutil.copyfileobj(source, out, 8 << 20)
-        partial.replace(target)
-        assert _sha256(target) == want
-    return target
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class GuestCore:
     path: Path
@@ -642,22 +611,21 @@ class GuestCore:
 
 
 @pytest.fixture(scope="module")
-def guest_core(tmp_path_factory: pytest.TempPathFactory) -> GuestCore:
+def guest_core(tmp_path_factory: pytest.TempPathFactory, guest_image: Path) -> GuestCore:
     """A PV core of the real guest: page tables converted to machine frames (with Xen's
     private L4 slots filled), vCPU 0 on a process pgd.  Cached under .cache/test_pv, keyed by
     the converter's and writer's source."""
-    _guest_or_skip()
     pvconvert = pytest.importorskip(
         "volatility3_xen.pvconvert", reason="volatility3_xen.pvconvert not available yet"
     )
     cache = REPO / ".cache" / "test_pv"
     cache.mkdir(parents=True, exist_ok=True)
-    raw = _raw_image(cache)
+    raw = guest_image
     facts = json.loads((GUEST / "factsC.json").read_text())
     key = hashlib.sha256()
     for module in (pvconvert, writer):
         key.update(Path(module.__file__).read_bytes())
-    key.update(repr((GUEST_ROOTS, GUEST_SEED, _sha256(raw))).encode())
+    key.update(repr((GUEST_ROOTS, GUEST_SEED, sha256_of(raw))).encode())
     core = cache / f"imageC-pv-{key.hexdigest()[:16]}.core"
     if not core.exists():
         image = bytearray(raw.read_bytes())

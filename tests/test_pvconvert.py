@@ -6,9 +6,6 @@ PV-style walk of the *converted* tables (table base mfn -> m2p -> pfn), address 
 
 from __future__ import annotations
 
-import hashlib
-import lzma
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,10 +20,6 @@ from volatility3_xen.pvconvert import (
     convert_page_tables,
     machine_to_pseudo,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_GUESTS = REPO_ROOT.parent / "shared" / "guests"
-CACHED_RAW_IMAGE = REPO_ROOT.parent / "cache" / "imageC.raw"
 
 PAGE = 4096
 P, RW, US, A, D, PS, G = 0x1, 0x2, 0x4, 0x20, 0x40, 0x80, 0x100
@@ -357,39 +350,8 @@ REAL_ROOTS = [
 ]
 
 
-def real_guest_raw_image(cache_dir: Path) -> Path:
-    """Path of the raw imageC: /work/cache's copy, else decompress the shared .xz once.
-
-    Skips the calling test when neither exists.  (Candidate for tests/conftest.py.)
-    """
-    if CACHED_RAW_IMAGE.is_file():
-        return CACHED_RAW_IMAGE
-    compressed = SHARED_GUESTS / "imageC.raw.xz"
-    if not compressed.is_file():
-        pytest.skip(f"real guest image not available ({CACHED_RAW_IMAGE}, {compressed})")
-    target = cache_dir / "imageC.raw"
-    if not target.is_file():
-        expected_sha = (SHARED_GUESTS / "imageC.raw.sha256").read_text().split()[0]
-        partial = target.with_suffix(".partial")
-        digest = hashlib.sha256()
-        with lzma.open(compressed) as source, partial.open("wb") as sink:
-            while block := source.read(1 << 20):
-                digest.update(block)
-                sink.write(block)
-        if digest.hexdigest() != expected_sha:
-            partial.unlink()
-            pytest.fail(f"{compressed} does not decompress to sha256 {expected_sha}")
-        shutil.move(partial, target)
-    return target
-
-
-@pytest.fixture(scope="module")
-def real_image_path(request: pytest.FixtureRequest) -> Path:
-    return real_guest_raw_image(Path(request.config.cache.mkdir("volatility3_xen_guests")))
-
-
-def test_real_guest_pv_walk_matches_raw_walk(real_image_path: Path) -> None:
-    raw = np.fromfile(real_image_path, dtype=np.uint8)
+def test_real_guest_pv_walk_matches_raw_walk(guest_image: Path) -> None:
+    raw = np.fromfile(guest_image, dtype=np.uint8)
     converted = raw.copy()
     n_pfns = len(raw) // PAGE
     mfns = assign_machine_frames(n_pfns, seed=2024)
@@ -420,11 +382,7 @@ def test_real_guest_pv_walk_matches_raw_walk(real_image_path: Path) -> None:
     assert assert_same_translations(raw_q, conv_q, mfns, REAL_ROOTS) > 10000
 
 
-def test_find_page_table_roots_on_real_guest(real_image_path: Path) -> None:
-    symbols = SHARED_GUESTS / "symbols"
-    if not symbols.is_dir():
-        pytest.skip(f"guest symbols not available ({symbols})")
-    pytest.importorskip("volatility3")
+def test_find_page_table_roots_on_real_guest(guest_image: Path, symbols_dir: Path) -> None:
     from volatility3_xen.rawguest import find_page_table_roots
 
-    assert set(find_page_table_roots(real_image_path, symbols)) == set(REAL_ROOTS)
+    assert set(find_page_table_roots(guest_image, symbols_dir)) == set(REAL_ROOTS)
