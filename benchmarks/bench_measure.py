@@ -3,7 +3,8 @@
 In-process: our layer's construction and reads, against raw ``FileLayer`` reads.
 Subprocesses: Volatility's built-in ``XenCoreDumpLayer`` (so a slow open can be cut off by a
 timeout), libkdumpfile (Debian's module lives in the system python only), peak memory (a fresh
-process gives a clean RSS high-water mark) and ``vol linux.pslist`` runs.
+process gives a clean RSS high-water mark), ``vol linux.pslist`` runs and ``vol xen.info`` /
+``xen.vcpus`` runs beside vol's start-up.
 
 Run as a script, this module is the fresh-process worker:
 ``python bench_measure.py memory|open CORE``.
@@ -367,12 +368,8 @@ def pslist(core: Path, raw: Path, symbols: Path, rounds: int) -> Result:
         for name, target in (("core", core), ("raw", raw)):
             command = _vol_command() + ["-q", "-p", str(REPO / "plugins"), "-s", str(symbols)]
             command += ["-f", str(target), "linux.pslist"]
-            for _attempt in range(2):  # one retry: plugins/ is shared with live work
-                start = time.perf_counter()
-                done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-                if done.returncode == 0:
-                    break
-            times[name].append(time.perf_counter() - start)
+            seconds, done = _timed_vol(command)
+            times[name].append(seconds)
             if done.returncode != 0:
                 tail = (done.stderr.strip().splitlines() or [""])[-1][:160]
                 return {"error": f"vol on {target.name} exited {done.returncode}: {tail}"}
@@ -389,6 +386,79 @@ def pslist(core: Path, raw: Path, symbols: Path, rounds: int) -> Result:
         "same_output": outputs["core"] == outputs["raw"],
         "processes": outputs["core"].count("\n"),
     }
+
+
+# What a successful run of each companion plugin prints: its column header.
+COMPANION_HEADERS = {"xen.info": "Group\tField\tValue", "xen.vcpus": "FileSlot\tOnline"}
+# vol's start-up baseline: full start-up (argument parsing, every plugin imported, ``-p plugins``
+# included) but no file, no layer stacking and no automagic; it only prints lists it holds.
+STARTUP_PLUGIN = "frameworkinfo"
+STARTUP_LABEL = "vol start-up"
+
+
+def companion_plugins(cores: dict[str, Path], cache_path: Path, rounds: int) -> Result:
+    """Wall time of ``vol xen.info`` and ``vol xen.vcpus`` on each core in ``cores`` (label ->
+    path) and of ``vol frameworkinfo`` (start-up baseline): one untimed round (fills the
+    private ``--cache-path``), then ``rounds`` interleaved rounds of fresh processes; medians,
+    and each plugin's median minus the baseline's."""
+    cache_path.mkdir(parents=True, exist_ok=True)
+    common = _vol_command() + ["-q", "-p", str(REPO / "plugins"), "--cache-path", str(cache_path)]
+    commands = {STARTUP_LABEL: common + [STARTUP_PLUGIN]}
+    for label, core in cores.items():
+        for plugin in COMPANION_HEADERS:
+            commands[f"{plugin}, {label}"] = common + ["-f", str(core), plugin]
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for round_ in range(rounds + 1):
+        for name, command in commands.items():
+            seconds, done = _timed_vol(command)
+            error = _companion_error(command[-1], done)
+            if error:
+                return {"error": f"{name}: {error}"}
+            if round_:
+                times[name].append(seconds)
+    startup_all_s = times.pop(STARTUP_LABEL)
+    baseline = statistics.median(startup_all_s)
+    return {
+        "startup_plugin": STARTUP_PLUGIN,
+        "startup_s": baseline,
+        "startup_all_s": startup_all_s,
+        "runs": [
+            {
+                "label": name,
+                "seconds": statistics.median(all_s),
+                "all_s": all_s,
+                "beyond_startup_s": statistics.median(all_s) - baseline,
+            }
+            for name, all_s in times.items()
+        ],
+    }
+
+
+def _timed_vol(command: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+    """Wall time of one ``vol`` process, with one retry (plugins/ is shared with live work)."""
+    for _attempt in range(2):
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        seconds = time.perf_counter() - start
+        if done.returncode == 0:
+            break
+    return seconds, done
+
+
+def _companion_error(plugin: str, done: subprocess.CompletedProcess) -> str | None:
+    """Why a run measured nothing: a failed exit, or output without the plugin's table."""
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or [""])[-1][:160]
+        return f"exited {done.returncode}: {tail}"
+    header = COMPANION_HEADERS.get(plugin)
+    if header is None:
+        return None
+    if header not in done.stdout:
+        return f"printed no {plugin} table"
+    rows = done.stdout.split(header, 1)[1].splitlines()[1:]
+    if not any(row.strip() for row in rows):
+        return f"printed an empty {plugin} table"
+    return None
 
 
 def _vol_command() -> list[str]:

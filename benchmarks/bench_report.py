@@ -15,6 +15,7 @@ SEQUENTIAL_RATIO = 0.8
 RANDOM_RATIO = 0.5
 MAPS_VS_TABLE = 2.0
 PSLIST_RATIO = 1.1
+COMPANION_BEYOND_STARTUP_S = 2.0
 
 
 def _ms(seconds: float | None) -> str:
@@ -162,12 +163,45 @@ def render(run: Run) -> str:
             f"{min(ps['core_all_s']) / min(ps['raw_all_s']):.3f}×); identical output: "
             f"{'yes' if ps['same_output'] else 'NO'}. Both runs load `-p plugins`.",
         ]
+    lines += ["", "## 6. Companion plugins (`xen.info`, `xen.vcpus`) on 16 GiB cores", ""]
+    lines += _companion_lines(run)
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for name, measured, met in targets(run):
         lines.append(f"| {name} | {measured} | {'yes' if met else '**no**'} |")
     for note in run.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"
+
+
+def _companion_lines(run: Run) -> list[str]:
+    companions = run.get("companions")
+    if not companions or "error" in companions:
+        reason = companions["error"] if companions else "no 16 GiB core in --sizes"
+        return [f"Skipped: {reason}."]
+    startup = companions["startup_plugin"]
+    lines = [
+        "Wall time of fresh `vol -q -p plugins --cache-path <private> -f CORE PLUGIN` processes, "
+        f"median of {run['settings']['companion_rounds']} (after one untimed round), "
+        f"interleaved with the start-up baseline `vol` … `{startup}` (same options, no `-f`). "
+        f"`{startup}` pays all of vol's start-up (imports, every plugin loaded, `-p plugins` "
+        "included) but opens no file, stacks no layer and runs no automagic; it only prints "
+        "lists vol already holds. Plugin − baseline is what the core and the plugin cost.",
+        "",
+        "| command | wall (median) | runs | beyond vol start-up |",
+        "|---|---:|---|---:|",
+        f"| vol start-up (`{startup}`) | {_ms(companions['startup_s'])} | "
+        f"{_runs(companions['startup_all_s'])} | — |",
+    ]
+    for row in companions["runs"]:
+        lines.append(
+            f"| {row['label']} | {_ms(row['seconds'])} | {_runs(row['all_s'])} | "
+            f"{_ms(row['beyond_startup_s'])} |"
+        )
+    return lines
+
+
+def _runs(all_s: list[float]) -> str:
+    return ", ".join(f"{seconds:.2f}" for seconds in all_s) + " s"
 
 
 def maps_ratio(mem: Run) -> float:
@@ -231,6 +265,23 @@ def targets(run: Run) -> list[tuple[str, str, bool]]:
                 f"linux.pslist core ≤ {PSLIST_RATIO}× raw image",
                 _x(ps["ratio"], 3),
                 ps["ratio"] <= PSLIST_RATIO and ps["same_output"],
+            )
+        )
+    info = [
+        row
+        for row in (run.get("companions") or {}).get("runs", [])
+        if row["label"].startswith("xen.info,")
+    ]
+    if info:
+        worst = max(row["beyond_startup_s"] for row in info)
+        found.append(
+            (
+                f"xen.info on 16 GiB beyond vol start-up < {COMPANION_BEYOND_STARTUP_S:.0f} s",
+                ", ".join(
+                    f"{row['label'].split(', ', 1)[1]} {_ms(row['beyond_startup_s'])}"
+                    for row in info
+                ),
+                worst < COMPANION_BEYOND_STARTUP_S,
             )
         )
     return found

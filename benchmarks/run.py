@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark suite: open time, read speed, memory and ``vol linux.pslist`` on Xen dump-cores.
+"""Benchmark suite: open time, read speed, memory, ``vol linux.pslist`` and the companion
+plugins (``vol xen.info``, ``xen.vcpus``) on Xen dump-cores.
 
     python benchmarks/run.py              # full run (~2-3 min on 2 cores)
     python benchmarks/run.py --quick      # fewer repetitions, built-in layer on 1 GiB only (~1 min)
@@ -37,6 +38,7 @@ import bench_measure as measure  # noqa: E402
 import bench_report  # noqa: E402
 
 Run = dict[str, Any]
+COMPANION_GIB = 16  # the guest size the companion plugins' target is stated for
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,6 +81,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "fresh_reps": 3 if quick else 5,
         "builtin_timeout_s": 300,
         "pslist_rounds": 3,
+        "companion_rounds": 3,
+        "companion_gib": COMPANION_GIB,
     }
 
 
@@ -239,6 +243,24 @@ def measure_reads(
     return rows
 
 
+def measure_companions(
+    cores: list[bench_cores.BenchCore], conf: dict[str, Any], cache: Path, notes: list[str]
+) -> Run | None:
+    """``vol xen.info`` / ``xen.vcpus`` on the synthetic cores of the target's size, beside
+    vol's start-up; None (and a note) when no such core was generated."""
+    # By label: an HVM core's guest_bytes leaves out the VGA hole, so it is not exactly 16 GiB.
+    suffix = f" {conf['companion_gib']} GiB"
+    chosen = {c.label: c.path for c in cores if c.raw_image is None and c.label.endswith(suffix)}
+    if not chosen:
+        notes.append(
+            f"Companion plugin rows skipped: {conf['companion_gib']} is not among --sizes."
+        )
+        return None
+    log(f"vol xen.info / xen.vcpus: {', '.join(chosen)}")
+    # A private symbol/identifier cache: the shared one races with other vol runs on the machine.
+    return measure.companion_plugins(chosen, cache / "vol-cache", conf["companion_rounds"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     conf = settings(args)
@@ -265,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         log("vol linux.pslist")
         symbols = args.shared / "guests" / "symbols"
         pslist = measure.pslist(real.path, real.raw_image, symbols, conf["pslist_rounds"])
+    companions = measure_companions(cores, conf, cache, notes)
     run: Run = {
         "command": "python benchmarks/run.py"
         + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
@@ -276,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "builtin_note": builtin_note,
         "reads": reads,
         "pslist": pslist,
+        "companions": companions,
         "notes": notes,
         "wall_s": time.perf_counter() - started,
     }
