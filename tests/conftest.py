@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import lzma
 import os
 import shutil
@@ -61,31 +62,46 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def guest_source() -> tuple[Path, str] | None:
+    """The real guest's compressed image and its sha256: ../shared's copy, else the one
+    bundled in samples/ (the same guest), else None."""
+    if GUEST_XZ.exists():
+        return GUEST_XZ, GUEST_SHA256.read_text().split()[0]
+    bundled = REPO / "samples" / "imageC.raw.xz"
+    if bundled.exists():
+        facts = json.loads((REPO / "samples" / "imageC.json").read_text())
+        return bundled, facts["raw_sha256"]
+    return None
+
+
 @pytest.fixture(scope="session")
 def guest_image() -> Path:
     """The real guest's raw memory, decompressed once into the cache and checked against
     its published sha256."""
-    if not GUEST_XZ.exists():
-        pytest.skip(f"real guest image not available ({GUEST_XZ} missing: ../shared absent)")
-    want = GUEST_SHA256.read_text().split()[0]
+    source = guest_source()
+    if source is None:
+        pytest.skip(f"real guest image not available ({GUEST_XZ} and samples/ missing)")
+    compressed, want = source
     target = CACHE / "imageC.raw"
     if not target.exists() or sha256_of(target) != want:
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(f".{os.getpid()}.part")
-        with lzma.open(GUEST_XZ) as source, open(partial, "wb") as out:
-            shutil.copyfileobj(source, out, 8 << 20)
+        with lzma.open(compressed) as source_file, open(partial, "wb") as out:
+            shutil.copyfileobj(source_file, out, 8 << 20)
         if sha256_of(partial) != want:
             partial.unlink()
-            pytest.fail(f"{GUEST_XZ} does not decompress to sha256 {want}")
+            pytest.fail(f"{compressed} does not decompress to sha256 {want}")
         partial.replace(target)
     return target
 
 
 @pytest.fixture(scope="session")
 def symbols_dir() -> Path:
-    if not SYMBOLS.exists():
-        pytest.skip(f"guest symbols not available ({SYMBOLS} missing: ../shared absent)")
-    return SYMBOLS
+    """The guest kernel's symbol table: ../shared's, else the copy bundled in samples/."""
+    for candidate in (SYMBOLS, REPO / "samples" / "symbols"):
+        if candidate.exists():
+            return candidate
+    pytest.skip(f"guest symbols not available ({SYMBOLS} and samples/symbols missing)")
 
 
 @pytest.fixture(scope="session")
