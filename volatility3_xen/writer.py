@@ -24,6 +24,7 @@ from typing import Any, Literal, Union
 import numpy as np
 
 from .notes import XEN_VERSION_STRINGS
+from .vcpu import LAYOUT_X86_32, LAYOUT_X86_64, encode_vcpu
 
 # --- constants from the Xen headers (values in dump-core-layout.md) -------------------------------
 
@@ -249,15 +250,22 @@ def vcpu_context_x86_64(
     gs_base_user: int = 0,
     byteorder: Literal["little", "big"] = "little",
 ) -> bytes:
-    """A 5168-byte x86_64 ``vcpu_guest_context`` with the fields readers use; the rest is zero."""
-    e = "<" if byteorder == "little" else ">"
-    ctx = bytearray(VCPU_CONTEXT_SIZE_X86)
-    struct.pack_into(e + "Q", ctx, 512, flags)
-    struct.pack_into(e + "Q", ctx, 520 + 128, rip)
-    struct.pack_into(e + "Q", ctx, 520 + 152, rsp)
-    struct.pack_into(e + "QQQQQ", ctx, 4984, cr0, 0, 0, cr3, cr4)
-    struct.pack_into(e + "QQQ", ctx, 5144, fs_base, gs_base_kernel, gs_base_user)
-    return bytes(ctx)
+    """A 5168-byte x86_64 ``vcpu_guest_context`` with the fields readers use; the rest is zero.
+
+    (``vcpu.encode_vcpu`` sets any field; this is the short form for test cores.)
+    """
+    registers = {
+        "flags": flags,
+        "rip": rip,
+        "rsp": rsp,
+        "cr0": cr0,
+        "cr3": cr3,
+        "cr4": cr4,
+        "fs_base": fs_base,
+        "gs_base_kernel": gs_base_kernel,
+        "gs_base_user": gs_base_user,
+    }
+    return encode_vcpu(LAYOUT_X86_64, byteorder, registers)
 
 
 def compat_cr3(mfn: int) -> int:
@@ -276,13 +284,8 @@ def vcpu_context_x86_32(
     byteorder: Literal["little", "big"] = "little",
 ) -> bytes:
     """A 2800-byte x86_32 (compat) context; ``cr3`` is the raw ctrlreg value (see compat_cr3)."""
-    e = "<" if byteorder == "little" else ">"
-    ctx = bytearray(VCPU_CONTEXT_SIZE_X86_32)
-    struct.pack_into(e + "I", ctx, 512, flags)
-    struct.pack_into(e + "I", ctx, 516 + 32, eip)
-    struct.pack_into(e + "I", ctx, 516 + 44, esp)
-    struct.pack_into(e + "IIIII", ctx, 2716, cr0, 0, 0, cr3, cr4)
-    return bytes(ctx)
+    registers = {"flags": flags, "eip": eip, "esp": esp, "cr0": cr0, "cr3": cr3, "cr4": cr4}
+    return encode_vcpu(LAYOUT_X86_32, byteorder, registers)
 
 
 # --- layout ---------------------------------------------------------------------------------------
