@@ -27,7 +27,7 @@ from volatility3.framework.layers import linear
 
 from .dumpcore import Probe, XenDumpCore, probe_xen_core
 from .errors import XenCoreFormatException
-from .pagemap import PageMap, Runs
+from .pagemap import PageMap, Runs, uint64_array
 
 vollog = logging.getLogger(__name__)
 
@@ -89,12 +89,13 @@ class _RunMappedLayer(linear.LinearlyMappedLayer):
     _target_layer: str
 
     def _set_runs(self, runs: Runs, shift: int, target_base: int = 0) -> None:
-        keys = np.frombuffer(runs.key, dtype=np.uint64) if len(runs) else np.zeros(0, np.uint64)
-        values = np.frombuffer(runs.value, dtype=np.uint64) if len(runs) else keys
-        counts = np.frombuffer(runs.count, dtype=np.uint64) if len(runs) else keys
-        self._run_addr = _array(keys << np.uint64(shift))
-        self._run_target = _array((values << np.uint64(shift)) + np.uint64(target_base))
-        self._run_size = _array(counts << np.uint64(shift))
+        """Runs of frames -> runs of bytes (address, target address, size)."""
+        keys, values, counts = (
+            np.frombuffer(column, dtype=np.uint64) for column in (runs.key, runs.value, runs.count)
+        )
+        self._run_addr = uint64_array(keys << np.uint64(shift))
+        self._run_target = uint64_array((values << np.uint64(shift)) + np.uint64(target_base))
+        self._run_size = uint64_array(counts << np.uint64(shift))
 
     # -- mapping ---------------------------------------------------------------------------
 
@@ -180,12 +181,6 @@ class _RunMappedLayer(linear.LinearlyMappedLayer):
     @property
     def dependencies(self) -> list[str]:
         return [self._target_layer]
-
-
-def _array(values: np.ndarray) -> array:
-    result = array("Q")
-    result.frombytes(np.ascontiguousarray(values, dtype=np.uint64).tobytes())
-    return result
 
 
 class XenDumpCoreLayer(_RunMappedLayer):

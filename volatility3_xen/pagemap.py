@@ -46,7 +46,7 @@ class Runs:
         breaks = np.flatnonzero((np.diff(keys) != 1) | (np.diff(values) != 1)) + 1
         starts = np.concatenate(([0], breaks))
         counts = np.diff(np.concatenate((starts, [len(keys)])))
-        return cls(_to_array(keys[starts]), _to_array(values[starts]), _to_array(counts))
+        return cls(uint64_array(keys[starts]), uint64_array(values[starts]), uint64_array(counts))
 
     def __len__(self) -> int:
         return len(self.key)
@@ -72,7 +72,8 @@ class Runs:
         return sum(a.itemsize * len(a) for a in (self.key, self.value, self.count))
 
 
-def _to_array(values: np.ndarray) -> array:
+def uint64_array(values: np.ndarray) -> array:
+    """A numpy vector as ``array('Q')`` (one bulk copy)."""
     result = array("Q")
     result.frombytes(np.ascontiguousarray(values, dtype=np.uint64).tobytes())
     return result
