@@ -245,3 +245,15 @@ def test_page_map_cache_never_serves_a_rewritten_file(tmp_path: Path) -> None:
     _, layer = open_layer(path)
     assert not layer.is_valid(0)
     check_every_page(layer, second, PAGE)
+
+
+def test_second_construction_keeps_the_table_warnings(tmp_path: Path) -> None:
+    """vol builds the layer twice; the page map is reused, its warnings must be too."""
+    pfns = np.array([5, 3, 0, 9], dtype=np.uint64)
+    path = write_spec(
+        tmp_path / "w.core", CoreSpec(kind="hvm", pfns=pfns, pages=explicit_pages(pfns))
+    )
+    _, first = open_layer(path)
+    _, second = open_layer(path)
+    assert second.page_map is first.page_map
+    assert any("not sorted" in w for w in second.core.warnings)

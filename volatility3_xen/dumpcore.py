@@ -314,8 +314,10 @@ class XenDumpCore:
         return {EM_386: 4, EM_X86_64: 8, EM_AARCH64: 8}.get(self.elf.facts.e_machine)
 
     def adopt_page_map(self, page_map: PageMap) -> None:
-        """Reuse a page map built earlier from the very same file (see layer.py)."""
+        """Reuse a page map built earlier from the very same file (see layer.py); its
+        warnings belong to this file too."""
         self.__dict__["page_map"] = page_map
+        self.warnings.extend(w for w in page_map.warnings if w not in self.warnings)
 
     @property
     def table_entry_size(self) -> int:
