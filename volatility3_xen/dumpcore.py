@@ -414,10 +414,14 @@ class XenDumpCore:
             return []
         layout = vcpu.layout_for(self.elf.facts.e_machine, area.entsize)
         if layout is None:
-            self.warnings.append(
+            # Said once: report, pv and scripts each call vcpus(), and xen.info lists
+            # the warnings.
+            warning = (
                 f"no vCPU layout known for {self.elf.facts.machine_name} with "
                 f"{area.entsize}-byte slots"
             )
+            if warning not in self.warnings:
+                self.warnings.append(warning)
             return []
         data = self._read(area.offset, area.count * area.entsize)
         return vcpu.decode_all(data, area.entsize, area.count, layout, self.elf.facts.byteorder)
