@@ -506,6 +506,9 @@ def check_companions(parsed: XenDumpCore) -> None:
     for fact in facts:
         assert isinstance(fact.group, str) and isinstance(fact.field, str)
         assert isinstance(fact.text, str) and isinstance(fact.hint, str)
+        # Bytes from the file reach a terminal: no control characters (escape sequences,
+        # newlines that forge rows).
+        assert all(text.isprintable() for text in (fact.field, fact.text, fact.hint)), fact
         assert fact.value is None or isinstance(fact.value, (int, str))
     for all_registers in (False, True):
         table = report.vcpu_table(parsed, all_registers=all_registers)
@@ -569,6 +572,11 @@ REGRESSIONS: list[tuple[str, list[list], str]] = [
     # core.vcpus() added its "no vCPU layout" warning on every call: xen.info listed it twice.
     ("arm", [["vcpu-shdr", "sh_entsize", 1]], "mapped"),
     ("pv-live", [["machine", 0xFFFF]], "mapped"),
+    # Names and strings from the file reached xen.info raw: a NUL or newline in a note name,
+    # escape sequences in the xen_version strings.
+    ("arm", [["note-rename", 0, "Xen\0junk"]], "mapped"),
+    ("hvm-vcpus-shinfo", [["note-add", 4, "Xen\n", 7, 0, 0]], "mapped"),
+    ("pv-live", [["xen-version", 1280, 0x1B, True]], "mapped"),
 ]
 
 

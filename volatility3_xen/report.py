@@ -86,7 +86,18 @@ class Fact:
             return "yes" if value else "no"
         if isinstance(value, int) and self.hex:
             return f"{value:#x}"
-        return str(value)
+        return _printable(str(value))
+
+
+def _printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\n``, ``\\x1b``, ``\\x00``).
+
+    Names and strings come from the file: a control character would forge rows or drive
+    the analyst's terminal (escape sequences) when xen.info prints them.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 # -- cached per-core decoding ---------------------------------------------------------------
@@ -270,7 +281,7 @@ def _note_facts(core: XenDumpCore) -> list[Fact]:
     for note in core.notes.raw:
         name = NOTE_TYPE_NAMES.get(note.type, f"type {note.type:#x}")
         name = name.replace("XEN_ELFNOTE_DUMPCORE_", "").lower()
-        owner = note.name.decode("ascii", "replace")
+        owner = _printable(note.name.decode("ascii", "replace"))
         facts.append(
             Fact(
                 GROUP_NOTES,
@@ -285,7 +296,7 @@ def _section_facts(core: XenDumpCore) -> list[Fact]:
     return [
         Fact(
             GROUP_SECTIONS,
-            row.name or f"[{row.index}]",
+            _printable(row.name) or f"[{row.index}]",
             f"offset {row.offset:#x}, size {row.size:#x}, entsize {row.entsize}",
             _human_size(row.size),
         )
