@@ -22,7 +22,9 @@ flips.  Each recipe is plain data, so every input that ever broke the reader is 
   header field, not a performance test).
 
 Memory is checked by ``test_construction_memory_is_bounded``: a sample of mutated files is
-opened (and reported on) in a subprocess under ``RLIMIT_AS`` = 3 GiB.
+opened (and reported on) in a subprocess under ``RLIMIT_AS`` = 3 GiB.  ``VOL_CASES`` runs
+``vol xen.info`` and ``vol xen.vcpus --all`` on the nastiest companion damage: rows or
+Volatility's unsatisfied-requirement exit with our reason, never a traceback.
 
 Profiles: ``ci`` (default; derandomized, bounded to well under two minutes) and ``long``
 (``VX3_FUZZ=long``: thousands of random examples).
@@ -679,6 +681,51 @@ def test_construction_memory_is_bounded(tmp_path: Path) -> None:
     refused, mapped = map(int, result.stdout.split())
     assert refused + mapped == len(paths) and mapped > 0 and refused > 0
     json.dumps(strategy_free)  # the sample stays replayable as plain data
+
+
+# --- vol on the nastiest companion damage: a reason or rows, never a traceback -----------------
+
+# (base, recipe): each one reached a different corner of report.py or the plugins.
+VOL_CASES: list[tuple[str, list[list]]] = [
+    ("arm", [["vcpu-shdr", "sh_entsize", 1]]),  # no layout fits: a warning, no rows
+    ("pv-live", [["machine", w.EM_386]]),  # x86_64 slots read as compat contexts
+    ("pv-386", [["machine", w.EM_ARM], ["vcpu-shdr", "sh_entsize", 352]]),  # ARM over x86
+    ("pv-live", [["vcpu-reg", 0, "cr3", (1 << 64) - 1], ["vcpus", 1 << 32]]),  # p2m misses
+    ("pv-live", [["xen-version", 0xFFFF_FFFF, 0xFF, True], ["shinfo-shdr", "sh_size", 1]]),
+    ("pv-386", [["xen-version", 1276, 0xC3, True], ["shinfo-field", "wc_sec_hi-32", 1 << 31]]),
+    ("hvm-vcpus-shinfo", [["note-add", 2, "\xff\xfe\x80", 0xFFFF_FFFF, 33, 0xFF],
+                          ["note-add", 2, "Xen", xen_notes.XEN_ELFNOTE_DUMPCORE_XEN_VERSION,
+                           1275, 0x80], ["note-rename", 0, "Xen\n"]]),
+    ("pv-live", [["shinfo-absent"], ["vcpu-shdr", "sh_entsize", 0], ["vcpus", 0]]),
+    ("arm", [["vcpu-reg", 1, "cpsr", 0x1B], ["vcpu-reg", 1, "ttbcr", 7], ["machine", 183]]),
+    ("pv-live", [["note-drop", 1]]),  # no header note: refused, the reason on the console
+]  # fmt: skip
+
+
+def test_vol_on_damaged_companions(tmp_path: Path) -> None:
+    from .conftest import run_vol, strip_banner
+
+    outcomes = set()
+    for number, (base, recipe) in enumerate(VOL_CASES):
+        core, _ = apply(base, recipe)
+        path = tmp_path / f"case-{number}.core"
+        path.write_bytes(core.data)
+        for plugin in (["xen.info"], ["xen.vcpus", "--all"]):
+            result = run_vol("-f", str(path), *plugin, timeout=120)
+            output = result.stdout + result.stderr
+            where = f"{base} {recipe} {plugin}: {output[-3000:]}"
+            assert "Traceback" not in output, where
+            if result.returncode == 0:
+                assert "FileSlot" in result.stdout or "Group\tField" in result.stdout, where
+                rows = strip_banner(result.stdout)
+                # No name or string from the file forged a row or a column.
+                assert len({row.count("\t") for row in rows}) == 1, where
+            else:  # refused: Volatility's unsatisfied-requirement exit, with our reason
+                assert result.returncode == 1, where
+                assert "not a usable Xen dump-core" in result.stderr, where
+                assert "Unsatisfied requirement" in output, where
+            outcomes.add(result.returncode)
+    assert outcomes == {0, 1}  # both paths were exercised
 
 
 # --- PV page tables are data too: looping and self-referencing tables --------------------------
