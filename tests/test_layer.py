@@ -257,3 +257,13 @@ def test_second_construction_keeps_the_table_warnings(tmp_path: Path) -> None:
     _, second = open_layer(path)
     assert second.page_map is first.page_map
     assert any("not sorted" in w for w in second.core.warnings)
+
+
+def test_messages_from_file_bytes_are_escaped() -> None:
+    """Text taken from a hostile file must not reach the terminal raw."""
+    from volatility3_xen.errors import XenCoreFormatException, printable
+
+    exc = XenCoreFormatException("layer", "section .xen\x1b[2J\nfake appears twice")
+    assert str(exc) == "section .xen\\x1b[2J\\nfake appears twice"
+    assert "\n" not in str(exc) and "\x1b" not in str(exc)
+    assert printable("plain text") == "plain text"

@@ -58,7 +58,8 @@ PROBE_BYTES = 8192
 
 
 def probe_xen_core(read: Reader, file_size: int) -> Probe:
-    """Is the file a Xen dump-core?  Cheap: reads the first few KiB at most.
+    """Is the file a Xen dump-core?  Cheap: reads a few KiB (of hostile files, at most the
+    parser's own bound on ``.note.Xen``).
 
     Another ELF core, a raw image or random bytes give ``Probe(False)`` so that the other
     stackers get their turn.  A file that is recognisably Xen (an ``ET_CORE`` with a
@@ -81,7 +82,23 @@ def probe_xen_core(read: Reader, file_size: int) -> Probe:
         if any(section.startswith(".xen_") for section in elf.sections):
             return Probe(True, f"no {NOTE_SECTION} section, yet there are .xen_* sections")
         return Probe(False)
-    data = elf.read_section(note, limit=PROBE_BYTES)
+    # The header note comes second in every libxc file, so the first few KiB settle it;
+    # only a file with a long run of other notes first needs the parser's full bound.
+    for limit in (PROBE_BYTES, MAX_NOTE_SECTION):
+        magic = _header_magic(elf, note, limit)
+        if magic is not None:
+            if magic in xen_notes.KNOWN_MAGICS:
+                return Probe(True)
+            return Probe(True, f"unknown dump-core magic {magic:#x} in the header note")
+        if note.size <= limit:
+            break
+    return Probe(True, f"{NOTE_SECTION} holds no Xen header note")
+
+
+def _header_magic(elf: ElfCore, note: Section, limit: int) -> int | None:
+    """``xch_magic`` of the first Xen HEADER note in the first ``limit`` bytes of
+    ``.note.Xen`` (the record the parser uses too), or None."""
+    data = elf.read_section(note, limit=limit)
     records, _ = xen_notes.iter_notes(data, note.offset, elf.facts.byteorder)
     for record in records:
         if (
@@ -89,11 +106,8 @@ def probe_xen_core(read: Reader, file_size: int) -> Probe:
             and record.type == xen_notes.XEN_ELFNOTE_DUMPCORE_HEADER
             and len(record.desc) >= 8
         ):
-            magic = int.from_bytes(record.desc[:8], elf.facts.byteorder)
-            if magic in xen_notes.KNOWN_MAGICS:
-                return Probe(True)
-            return Probe(True, f"unknown dump-core magic {magic:#x} in the header note")
-    return Probe(True, f"{NOTE_SECTION} holds no Xen header note")
+            return int.from_bytes(record.desc[:8], elf.facts.byteorder)
+    return None
 
 
 def _libxc_elf_header(head: bytes) -> bool:

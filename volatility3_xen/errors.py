@@ -13,8 +13,20 @@ class XenCoreFormatException(exceptions.LayerException):
     """
 
     def __init__(self, layer_name: str, message: str) -> None:
+        message = printable(message)
         super().__init__(layer_name, message)
         self.message = message
 
     def __str__(self) -> str:
         return self.message
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\n``, ``\\x1b``, ``\\x00``).
+
+    Names and strings come from the file: a control character would forge output lines,
+    or drive the analyst's terminal with escape sequences, when printed or logged.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)

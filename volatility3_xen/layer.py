@@ -26,7 +26,7 @@ from volatility3.framework.configuration import requirements
 from volatility3.framework.layers import linear
 
 from .dumpcore import Probe, XenDumpCore, probe_xen_core
-from .errors import XenCoreFormatException
+from .errors import XenCoreFormatException, printable
 from .pagemap import PageMap, Runs, uint64_array
 
 vollog = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _base_reader(base: interfaces.layers.DataLayerInterface):
 def _report_once(source: str, message: str, level: int = logging.WARNING) -> None:
     if (source, message) not in _REPORTED:
         _REPORTED.add((source, message))
-        vollog.log(level, f"{source}: {message}")
+        vollog.log(level, printable(f"{source}: {message}"))
 
 
 class _RunMappedLayer(linear.LinearlyMappedLayer):

@@ -30,6 +30,7 @@ from typing import Union
 from . import vcpu as vcpu_mod
 from .dumpcore import XenDumpCore
 from .elfcore import Section
+from .errors import printable
 from .notes import NOTE_TYPE_NAMES
 from .sharedinfo import SharedInfo, decode_shared_info
 from .vcpu import LAYOUT_ARM, LAYOUT_X86_32, LAYOUT_X86_64, VcpuContext
@@ -86,18 +87,7 @@ class Fact:
             return "yes" if value else "no"
         if isinstance(value, int) and self.hex:
             return f"{value:#x}"
-        return _printable(str(value))
-
-
-def _printable(text: str) -> str:
-    """``text`` with every non-printable character escaped (``\\n``, ``\\x1b``, ``\\x00``).
-
-    Names and strings come from the file: a control character would forge rows or drive
-    the analyst's terminal (escape sequences) when xen.info prints them.
-    """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+        return printable(str(value))
 
 
 # -- cached per-core decoding ---------------------------------------------------------------
@@ -281,7 +271,7 @@ def _note_facts(core: XenDumpCore) -> list[Fact]:
     for note in core.notes.raw:
         name = NOTE_TYPE_NAMES.get(note.type, f"type {note.type:#x}")
         name = name.replace("XEN_ELFNOTE_DUMPCORE_", "").lower()
-        owner = _printable(note.name.decode("ascii", "replace"))
+        owner = printable(note.name.decode("ascii", "replace"))
         facts.append(
             Fact(
                 GROUP_NOTES,
@@ -296,7 +286,7 @@ def _section_facts(core: XenDumpCore) -> list[Fact]:
     return [
         Fact(
             GROUP_SECTIONS,
-            _printable(row.name) or f"[{row.index}]",
+            printable(row.name) or f"[{row.index}]",
             f"offset {row.offset:#x}, size {row.size:#x}, entsize {row.entsize}",
             _human_size(row.size),
         )
