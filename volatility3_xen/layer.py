@@ -25,7 +25,7 @@ from volatility3.framework import constants, exceptions, interfaces
 from volatility3.framework.configuration import requirements
 from volatility3.framework.layers import linear
 
-from .dumpcore import Probe, XenDumpCore, probe_xen_core
+from .dumpcore import Probe, XenDumpCore, file_region_mapper, probe_xen_core
 from .errors import XenCoreFormatException, printable
 from .pagemap import PageMap, Runs, uint64_array
 
@@ -208,7 +208,8 @@ class XenDumpCoreLayer(_RunMappedLayer):
         read, size = _base_reader(base)
         identity = _file_identity(base)
         self._source = identity[0] if identity else self._base_layer
-        self._core = XenDumpCore(read, size, name=self._source)
+        mapper = file_region_mapper(identity[0]) if identity else None
+        self._core = XenDumpCore(read, size, name=self._source, map_region=mapper)
         cached = _PAGE_MAP_CACHE.get(identity) if identity else None
         if cached is not None:
             self._core.adopt_page_map(cached)

@@ -37,16 +37,34 @@ class Runs:
     count: array
 
     @classmethod
-    def from_sorted(cls, keys: np.ndarray, values: np.ndarray) -> Runs:
-        """Coalesce parallel arrays sorted by ``keys`` into runs where both advance by one."""
+    def from_sorted(
+        cls,
+        keys: np.ndarray,
+        values: np.ndarray | None = None,
+        key_breaks: np.ndarray | None = None,
+    ) -> Runs:
+        """Coalesce parallel arrays sorted by ``keys`` into runs where both advance by one.
+
+        ``values`` None means value ``i`` is ``i`` (the identity: a table stored in pfn
+        order), which never breaks a run.  ``key_breaks``, if the caller has it, holds the
+        positions ``i`` where ``keys[i + 1] != keys[i] + 1``.
+        """
         if len(keys) == 0:
             return cls(array("Q"), array("Q"), array("Q"))
-        keys = keys.astype(np.uint64, copy=False)
-        values = values.astype(np.uint64, copy=False)
-        breaks = np.flatnonzero((np.diff(keys) != 1) | (np.diff(values) != 1)) + 1
-        starts = np.concatenate(([0], breaks))
+        if key_breaks is None:
+            key_breaks = step_breaks(keys)
+        if values is None:
+            breaks = key_breaks
+        else:
+            breaks = np.union1d(key_breaks, step_breaks(values))
+        starts = np.concatenate(([0], breaks + 1)).astype(np.uint64)
         counts = np.diff(np.concatenate((starts, [len(keys)])))
-        return cls(uint64_array(keys[starts]), uint64_array(values[starts]), uint64_array(counts))
+        run_values = starts if values is None else values[starts.astype(np.intp)]
+        return cls(
+            uint64_array(keys[starts.astype(np.intp)]),
+            uint64_array(run_values),
+            uint64_array(counts),
+        )
 
     def __len__(self) -> int:
         return len(self.key)
@@ -70,6 +88,44 @@ class Runs:
 
     def nbytes(self) -> int:
         return sum(a.itemsize * len(a) for a in (self.key, self.value, self.count))
+
+
+# Entries handled per step by the whole-table passes below: the temporaries stay small
+# (and cache-warm) instead of being table-sized fresh allocations, whose page faults cost
+# more than the arithmetic on a 16 GiB guest's table.
+CHUNK_ENTRIES = 1 << 18
+
+
+def step_breaks(values: np.ndarray) -> np.ndarray:
+    """Positions ``i`` where ``values[i + 1] != values[i] + 1`` (uint64 wrap-around makes a
+    step down a break too)."""
+    steps = len(values) - 1
+    found = []
+    difference = np.empty(min(max(steps, 0), CHUNK_ENTRIES), dtype=np.uint64)
+    for start in range(0, max(steps, 0), CHUNK_ENTRIES):
+        stop = min(start + CHUNK_ENTRIES, steps)
+        chunk = difference[: stop - start]
+        np.subtract(values[start + 1 : stop + 1], values[start:stop], out=chunk)
+        hits = np.flatnonzero(chunk != np.uint64(1))
+        if len(hits):
+            found.append(hits + start)
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.intp)
+
+
+def unusable_entries(pfns: np.ndarray, gmfns: np.ndarray | None, max_pfn: int) -> np.ndarray:
+    """Positions of entries that map nothing: pfn beyond ``max_pfn`` (``~0`` padding is
+    too) or, in a p2m table, a ``~0`` machine frame."""
+    found = []
+    limit = np.uint64(max_pfn)
+    for start in range(0, len(pfns), CHUNK_ENTRIES):
+        stop = min(start + CHUNK_ENTRIES, len(pfns))
+        flags = pfns[start:stop] >= limit
+        if gmfns is not None:
+            flags |= gmfns[start:stop] == INVALID
+        hits = np.flatnonzero(flags)
+        if len(hits):
+            found.append(hits + start)
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.intp)
 
 
 def uint64_array(values: np.ndarray) -> array:
@@ -107,44 +163,50 @@ class PageMap:
     def __init__(self, pfns: np.ndarray, gmfns: np.ndarray | None, max_pfn: int) -> None:
         self.warnings: list[str] = []
         entries = len(pfns)
-        padding_mask = pfns == INVALID
         if gmfns is not None:
-            # {~0, ~0} is padding; a lone ~0 in one column is damage, and dropped too.
-            padding_mask |= gmfns == INVALID
-        padding = int(np.count_nonzero(padding_mask))
-        beyond_mask = pfns >= np.uint64(max_pfn)
-        beyond_mask &= ~padding_mask
-        beyond = int(np.count_nonzero(beyond_mask))
+            # A contiguous copy, so that the raw 16-byte-per-entry table can be freed.
+            gmfns = np.ascontiguousarray(gmfns)
+        # One pass finds every unusable entry (~0 padding is >= max_pfn too); only those,
+        # usually a handful, are then told apart.
+        bad = unusable_entries(pfns, gmfns, max_pfn)
+        is_padding = pfns[bad] == INVALID
+        if gmfns is not None:
+            is_padding |= gmfns[bad] == INVALID
+        padding = int(np.count_nonzero(is_padding))
+        beyond = len(bad) - padding
         if beyond:
             self.warnings.append(
                 f"{beyond} table entries name pfns beyond the physical address limit "
                 f"(pfn >= {max_pfn:#x}); they are ignored"
             )
-        tail_only = bool(np.all(padding_mask[entries - padding :]))
-        if padding and not tail_only:
+        padding_at = bad[is_padding]
+        if padding and padding_at[0] != entries - padding:
             self.warnings.append(
                 "padding entries (~0) found inside the table, not only at its end; they are skipped"
             )
-        if gmfns is not None:
-            # A contiguous copy, so that the raw 16-byte-per-entry table can be freed.
-            gmfns = np.ascontiguousarray(gmfns)
-        if tail_only and not beyond:
+        idx_valid: np.ndarray | None
+        if len(bad) == 0 or (not beyond and bad[0] == entries - len(bad)):
             # libxc's layout: every entry valid except ~0 padding at the end.  Slices, not
-            # boolean gathers: no copy of the table and no index array to build.
-            valid = entries - padding
+            # gathers, and the page index is the position (no index array at all).
+            valid = entries - len(bad)
             pfn_valid = pfns[:valid]
-            idx_valid = np.arange(valid, dtype=np.uint64)
+            idx_valid = None
             gmfn_valid = gmfns[:valid] if gmfns is not None else None
         else:
-            keep = ~(padding_mask | beyond_mask)
+            keep = np.ones(entries, dtype=bool)
+            keep[bad] = False
             idx_valid = np.flatnonzero(keep).astype(np.uint64)
             pfn_valid = pfns[keep]
             gmfn_valid = gmfns[keep] if gmfns is not None else None
-        del padding_mask, beyond_mask
 
-        is_sorted = bool(np.all(pfn_valid[1:] > pfn_valid[:-1]))
+        # Runs of consecutive pfns are always ascending; the table is sorted iff every
+        # step between runs goes up.  (pfns < max_pfn, so "+1" never wraps.)
+        key_breaks = step_breaks(pfn_valid)
+        is_sorted = bool(np.all(pfn_valid[key_breaks + 1] > pfn_valid[key_breaks]))
         duplicates = 0
         if not is_sorted:
+            if idx_valid is None:
+                idx_valid = np.arange(len(pfn_valid), dtype=np.uint64)
             order = np.argsort(pfn_valid, kind="stable")
             pfn_valid, idx_valid = pfn_valid[order], idx_valid[order]
             if gmfn_valid is not None:
@@ -161,8 +223,9 @@ class PageMap:
                 )
             else:
                 self.warnings.append("the page table is not sorted by pfn; sorted it in memory")
+            key_breaks = None
 
-        self.pfn_runs = Runs.from_sorted(pfn_valid, idx_valid)
+        self.pfn_runs = Runs.from_sorted(pfn_valid, idx_valid, key_breaks)
         del idx_valid
         # The machine frame of every stored page, by page index (PV only).
         self._gmfn_by_index: np.ndarray | None = gmfns
