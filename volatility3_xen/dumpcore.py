@@ -51,14 +51,17 @@ RegionMapper = Callable[[int, int], Buffer]
 
 def file_region_mapper(path: str | os.PathLike[str]) -> RegionMapper:
     """Maps regions of a local file with ``mmap`` (the mapping lives as long as the
-    returned buffer or any numpy view of it)."""
+    returned buffer or any numpy view of it).  Only the region is mapped, so address
+    space stays bounded by the table, as memory would be with a read."""
 
     def map_region(offset: int, length: int) -> memoryview:
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
         with open(path, "rb") as handle:
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        if offset + length > len(mapped):
-            raise ValueError("region beyond the end of the file")
-        return memoryview(mapped)[offset : offset + length]
+            # Raises ValueError when the region runs past the end of the file.
+            mapped = mmap.mmap(
+                handle.fileno(), length + offset - start, access=mmap.ACCESS_READ, offset=start
+            )
+        return memoryview(mapped)[offset - start :]
 
     return map_region
 
