@@ -459,26 +459,68 @@ class XenDumpCore:
             raise IndexError(f"no vCPU slot {slot}")
         return self._read(area.offset + slot * area.entsize, area.entsize)
 
-    def vcpus(self) -> list:
-        """Decoded contexts of every stored slot (see ``volatility3_xen.vcpu``)."""
+    @cached_property
+    def vcpu_layout(self) -> str | None:
+        """The context layout of the ``.xen_prstatus`` slots (``vcpu.LAYOUT_*``), or None
+        when there are none or none is known for this machine and slot size."""
         from . import vcpu
 
         area = self.vcpu_area
         if area is None or area.count == 0:
-            return []
+            return None
         layout = vcpu.layout_for(self.elf.facts.e_machine, area.entsize)
         if layout is None:
-            # Said once: report, pv and scripts each call vcpus(), and xen.info lists
-            # the warnings.
-            warning = (
+            self.warnings.append(
                 f"no vCPU layout known for {self.elf.facts.machine_name} with "
                 f"{area.entsize}-byte slots"
             )
-            if warning not in self.warnings:
-                self.warnings.append(warning)
-            return []
+        return layout
+
+    @cached_property
+    def vcpu_contexts(self) -> tuple:
+        """Decoded contexts of every stored slot, as a tuple (decoded once)."""
+        from . import vcpu
+
+        area, layout = self.vcpu_area, self.vcpu_layout
+        if area is None or layout is None:
+            return ()
         data = self._read(area.offset, area.count * area.entsize)
-        return vcpu.decode_all(data, area.entsize, area.count, layout, self.elf.facts.byteorder)
+        return tuple(
+            vcpu.decode_all(data, area.entsize, area.count, layout, self.elf.facts.byteorder)
+        )
+
+    def vcpus(self) -> list:
+        """Decoded contexts of every stored slot (see ``volatility3_xen.vcpu``); decoded
+        once per core."""
+        return list(self.vcpu_contexts)
+
+    # -- machine frames --------------------------------------------------------------------
+
+    def pfn_to_mfn(self, pfn: int) -> int | None:
+        """Machine frame backing ``pfn`` (PV); for HVM the identity on stored pfns."""
+        if not self.is_pv:
+            return pfn if self.page_map.page_index(pfn) is not None else None
+        return self.page_map.pfn_to_mfn(pfn)
+
+    def mfn_to_pfn(self, mfn: int) -> int | None:
+        """pfn of machine frame ``mfn``, or None when the guest does not own it."""
+        if not self.is_pv:
+            return mfn if self.page_map.page_index(mfn) is not None else None
+        return self.page_map.mfn_to_pfn(mfn)
+
+    def machine_to_physical(self, address: int) -> int | None:
+        """A machine address as the guest's pseudo-physical address, or None."""
+        pfn = self.mfn_to_pfn(address >> self.page_shift)
+        if pfn is None:
+            return None
+        return (pfn << self.page_shift) | (address & (self.page_size - 1))
+
+    def physical_to_machine(self, address: int) -> int | None:
+        """A pseudo-physical address as the machine address backing it, or None."""
+        mfn = self.pfn_to_mfn(address >> self.page_shift)
+        if mfn is None:
+            return None
+        return (mfn << self.page_shift) | (address & (self.page_size - 1))
 
     @cached_property
     def shared_info(self) -> bytes | None:

@@ -256,27 +256,17 @@ class XenDumpCoreLayer(_RunMappedLayer):
 
     def pfn_to_mfn(self, pfn: int) -> int | None:
         """Machine frame backing ``pfn`` (PV); for HVM the identity on stored pfns."""
-        if not self.is_pv:
-            return pfn if self._page_map.page_index(pfn) is not None else None
-        return self._page_map.pfn_to_mfn(pfn)
+        return self._core.pfn_to_mfn(pfn)
 
     def mfn_to_pfn(self, mfn: int) -> int | None:
         """pfn of machine frame ``mfn``, or None when the guest does not own it."""
-        if not self.is_pv:
-            return mfn if self._page_map.page_index(mfn) is not None else None
-        return self._page_map.mfn_to_pfn(mfn)
+        return self._core.mfn_to_pfn(mfn)
 
     def machine_to_physical(self, address: int) -> int | None:
-        pfn = self.mfn_to_pfn(address >> self._page_shift)
-        if pfn is None:
-            return None
-        return (pfn << self._page_shift) | (address & ((1 << self._page_shift) - 1))
+        return self._core.machine_to_physical(address)
 
     def physical_to_machine(self, address: int) -> int | None:
-        mfn = self.pfn_to_mfn(address >> self._page_shift)
-        if mfn is None:
-            return None
-        return (mfn << self._page_shift) | (address & ((1 << self._page_shift) - 1))
+        return self._core.physical_to_machine(address)
 
 
 class XenMachineLayer(_RunMappedLayer):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import enum
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -92,26 +91,15 @@ class Fact:
 
 # -- cached per-core decoding ---------------------------------------------------------------
 
-_VCPU_CACHE: weakref.WeakKeyDictionary[XenDumpCore, tuple[VcpuContext, ...]] = (
-    weakref.WeakKeyDictionary()
-)
-
 
 def vcpus(core: XenDumpCore) -> tuple[VcpuContext, ...]:
-    """Every stored vCPU context, decoded once per core (``core.vcpus()`` re-reads)."""
-    cached = _VCPU_CACHE.get(core)
-    if cached is None:
-        cached = tuple(core.vcpus())
-        _VCPU_CACHE[core] = cached
-    return cached
+    """Every stored vCPU context (decoded once per core, by the core)."""
+    return core.vcpu_contexts
 
 
 def vcpu_layout(core: XenDumpCore) -> str | None:
     """The context layout of this core's ``.xen_prstatus`` slots, or None."""
-    area = core.vcpu_area
-    if area is None or area.count == 0:
-        return None
-    return vcpu_mod.layout_for(core.elf.facts.e_machine, area.entsize)
+    return core.vcpu_layout
 
 
 def decoded_shared_info(core: XenDumpCore, layout: str | None = None) -> SharedInfo | None:
@@ -485,13 +473,5 @@ def _page_table_base(core: XenDumpCore, context: VcpuContext) -> tuple[Cell, Cel
     kind, address = context.decoded_page_table_base(core.is_pv)
     if kind == vcpu_mod.ADDRESS_GUEST_PHYSICAL:
         return Absent.NOT_APPLICABLE, address
-    return address, machine_to_pseudo_physical(core, address)
-
-
-def machine_to_pseudo_physical(core: XenDumpCore, address: int) -> int | Absent:
-    """A PV machine address as the guest's pseudo-physical address, via ``.xen_p2m``."""
-    shift = core.page_shift
-    pfn = core.page_map.mfn_to_pfn(address >> shift)
-    if pfn is None:
-        return Absent.NOT_FOUND
-    return (pfn << shift) | (address & ((1 << shift) - 1))
+    pseudo = core.machine_to_physical(address)
+    return address, Absent.NOT_FOUND if pseudo is None else pseudo
