@@ -266,10 +266,10 @@ def open_kdumpfile(path: Path, address: int, expected: bytes, reps: int) -> Resu
     return _last_json(done)
 
 
-def memory(path: Path) -> Result:
-    """Peak memory of a cold open, measured in a fresh process (see ``_memory_worker``)."""
+def _in_fresh_process(mode: str, path: Path) -> Result:
+    """Run this module's ``mode`` worker on ``path`` in a new interpreter."""
     done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "memory", str(path)],
+        [sys.executable, str(Path(__file__).resolve()), mode, str(path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -278,19 +278,17 @@ def memory(path: Path) -> Result:
     return _last_json(done)
 
 
+def memory(path: Path) -> Result:
+    """Peak memory of a cold open, measured in a fresh process (see ``_memory_worker``)."""
+    return _in_fresh_process("memory", path)
+
+
 def open_fresh_process(path: Path, reps: int) -> Result:
     """Cold construction in ``reps`` new interpreters (as each ``vol`` run pays it: first
     touch of every page of the table buffers), median."""
     times = []
     for _ in range(reps):
-        done = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "open", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        result = _last_json(done)
+        result = _in_fresh_process("open", path)
         if "error" in result:
             return result
         times.append(result["seconds"])
