@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from volatility3_xen import writer
+from volatility3_xen.testdata import corewriter as writer
 
 CORE_VERSION = 1
 PAGE = 4096

@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
 from volatility3.framework import contexts  # noqa: E402
 from volatility3.framework.layers import physical  # noqa: E402
 
-from volatility3_xen import layer as xen_layer  # noqa: E402
+from volatility3_xen.layers import memory as xen_layer  # noqa: E402
 
 PAGE = 4096
 MIB = 1 << 20

@@ -1,8 +1,9 @@
 """Small Xen dump-cores for the hostile and fuzz tests, their byte-level mutators, and an
 independent oracle for what a correct (possibly partial) view must map.
 
-Cores come from ``volatility3_xen.writer`` (libxc's exact layout); every page is tagged with its
-table index and pfn, so a page read through the wrong mapping can never look right.  The
+Cores come from ``volatility3_xen.testdata.corewriter`` (libxc's exact layout); every page is
+tagged with its table index and pfn, so a page read through the wrong mapping can never look
+right.  The
 oracle re-reads the table straight from the bytes with ``struct`` (it shares no code with
 ``pagemap``/``dumpcore``) and applies the documented rules: ``~0`` entries are padding, pfns
 at or above 2^(52-shift) are damage, a pfn listed twice keeps its first page, and only pages
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from volatility3_xen import writer as w
-from volatility3_xen.dumpcore import XenDumpCore
+from volatility3_xen.formats.dumpcore import XenDumpCore
+from volatility3_xen.testdata import corewriter as w
 
 INVALID = w.INVALID_PFN
 PHYS_ADDR_BITS = 52

@@ -5,7 +5,7 @@ section headers, notes, table entries, truncation, swapped headers, appended jun
 flips.  Each recipe is plain data, so every input that ever broke the reader is kept below in
 ``REGRESSIONS`` and replayed on every run.  Properties checked in-process:
 
-- constructing ``XenDumpCore`` (page map included) raises nothing but XenCoreFormatException;
+- constructing ``XenDumpCore`` (page map included) raises nothing but XenFormatError;
 - every mapped page lies wholly inside the file at the index of the first usable table entry
   naming its pfn; when only the table, header counts, the tail or appended bytes were touched,
   the mapping equals the oracle's exactly (``corecraft.expected_map``);
@@ -53,14 +53,15 @@ from hypothesis import strategies as st
 from volatility3.framework import contexts, exceptions
 from volatility3.framework.layers.physical import FileLayer
 
-from volatility3_xen import layer as xen_layer
-from volatility3_xen import notes as xen_notes
 from volatility3_xen import report
-from volatility3_xen import writer as w
-from volatility3_xen.dumpcore import XenDumpCore
-from volatility3_xen.errors import XenCoreFormatException
-from volatility3_xen.sharedinfo import SharedInfo
-from volatility3_xen.vcpu import LAYOUT_X86_32, LAYOUT_X86_64, encode_vcpu
+from volatility3_xen.formats import notes as xen_notes
+from volatility3_xen.formats.dumpcore import XenDumpCore
+from volatility3_xen.formats.errors import XenFormatError
+from volatility3_xen.formats.sharedinfo import SharedInfo
+from volatility3_xen.formats.vcpu import LAYOUT_X86_32, LAYOUT_X86_64, encode_vcpu
+from volatility3_xen.layers import memory as xen_layer
+from volatility3_xen.layers.stackers import XenDumpCoreStacker
+from volatility3_xen.testdata import corewriter as w
 
 from .corecraft import (
     INVALID,
@@ -476,7 +477,7 @@ def check(base: str, recipe: list[list], through_stacker: bool = True) -> str:
         parsed.page_map  # noqa: B018 - building the page map is part of opening
         parsed.vcpus()
         parsed.shared_info  # noqa: B018
-    except XenCoreFormatException as exc:
+    except XenFormatError as exc:
         message = str(exc)
         assert message and "\n" not in message
         outcome = "refused"
@@ -501,7 +502,7 @@ _CELL_TYPES = {report.KIND_INT: int, report.KIND_HEX: int, report.KIND_BOOL: boo
 
 def check_companions(parsed: XenDumpCore) -> None:
     """What xen.info and xen.vcpus render: every row well-formed, nothing raised but
-    XenCoreFormatException (the page map is built already, so nothing should raise)."""
+    XenFormatError (the page map is built already, so nothing should raise)."""
     facts = report.core_facts(parsed)
     warnings = [fact.text for fact in facts if fact.group == report.GROUP_WARNINGS]
     assert len(set(warnings)) == len(warnings), warnings  # xen.info says each thing once
@@ -534,7 +535,7 @@ def check_stacker(data: bytes, outcome: str) -> None:
     context.config["FileLayer.location"] = path.as_uri()
     context.layers.add_layer(FileLayer(context, "FileLayer", "FileLayer"))
     try:
-        stacked = xen_layer.XenDumpCoreStacker.stack(context, "FileLayer")
+        stacked = XenDumpCoreStacker.stack(context, "FileLayer")
         if outcome == "refused":
             assert stacked is None
             return
@@ -610,8 +611,8 @@ _OPEN_ALL = r"""
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 from volatility3_xen import report
-from volatility3_xen.dumpcore import XenDumpCore
-from volatility3_xen.errors import XenCoreFormatException
+from volatility3_xen.formats.dumpcore import XenDumpCore
+from volatility3_xen.formats.errors import XenFormatError
 refused = mapped = 0
 for path in sys.argv[1:]:
     try:
@@ -622,7 +623,7 @@ for path in sys.argv[1:]:
         report.vcpu_table(core, all_registers=True)
         report.decoded_shared_info(core)
         mapped += 1
-    except XenCoreFormatException:
+    except XenFormatError:
         refused += 1
 print(refused, mapped)
 """
@@ -769,7 +770,7 @@ def _canonical(l4: int, l3: int, l2: int, l1: int) -> int:
 
 
 def check_pv_walk(entries: list[tuple[int, int, int, int]], top_pfn: int) -> None:
-    from volatility3_xen import pv
+    from volatility3_xen.layers import pv
 
     path = _TMP / f"pv-{next(_COUNTER)}"
     path.write_bytes(_pv_core(entries))
@@ -777,7 +778,7 @@ def check_pv_walk(entries: list[tuple[int, int, int, int]], top_pfn: int) -> Non
     context.config["FileLayer.location"] = path.as_uri()
     context.layers.add_layer(FileLayer(context, "FileLayer", "FileLayer"))
     try:
-        xen = xen_layer.XenDumpCoreStacker.stack(context, "FileLayer")
+        xen = XenDumpCoreStacker.stack(context, "FileLayer")
         assert isinstance(xen, xen_layer.XenDumpCoreLayer)
         context.layers.add_layer(xen)
         context.config["pv.memory_layer"] = xen.name
@@ -814,12 +815,12 @@ PV_REGRESSIONS: list[tuple[list[tuple[int, int, int, int]], int]] = [
 
 @pytest.mark.parametrize(("entries", "top"), PV_REGRESSIONS)
 def test_pv_table_regressions(entries: list, top: int) -> None:
-    pytest.importorskip("volatility3_xen.pv")
+    pytest.importorskip("volatility3_xen.layers.pv")
     check_pv_walk(entries, top)
 
 
 @settings(settings.get_profile(PROFILE), max_examples=60 if PROFILE == "ci" else 1000)
 @given(entries=pv_tables, top=st.integers(0, 7))
 def test_fuzz_pv_page_tables(entries: list, top: int) -> None:
-    pytest.importorskip("volatility3_xen.pv")
+    pytest.importorskip("volatility3_xen.layers.pv")
     check_pv_walk(entries, top)

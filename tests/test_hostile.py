@@ -1,6 +1,6 @@
 """Hostile and damaged dump-cores: every case is named by its damage and pins the exact outcome.
 
-Either the parser refuses with ``XenCoreFormatException`` whose one-line message names the
+Either the parser refuses with ``XenFormatError`` whose one-line message names the
 problem (checked by substring), or it warns and gives a view in which every mapped pfn is
 exactly the page the test expects (an explicit pfn -> table index dict, never derived from the
 code under test), each page read back through a real Volatility ``FileLayer`` + stacker.
@@ -17,8 +17,9 @@ import pytest
 from volatility3.framework import contexts, exceptions
 from volatility3.framework.layers.physical import FileLayer
 
-from volatility3_xen import layer as xen_layer
-from volatility3_xen.errors import XenCoreFormatException
+from volatility3_xen.formats.errors import XenFormatError
+from volatility3_xen.layers import memory as xen_layer
+from volatility3_xen.layers.stackers import XenDumpCoreStacker
 
 from .corecraft import (
     INVALID,
@@ -464,7 +465,7 @@ def test_damage(case: Case, kind: str, tmp_path: Path, caplog: pytest.LogCapture
     core = case.build(kind)
     data = core.data
     if isinstance(case.expect, Refused):
-        with pytest.raises(XenCoreFormatException) as info:
+        with pytest.raises(XenFormatError) as info:
             parsed = open_bytes(data)
             parsed.page_map  # noqa: B018 - construction of the page map is part of opening
         message = str(info.value)
@@ -497,7 +498,7 @@ def test_damage(case: Case, kind: str, tmp_path: Path, caplog: pytest.LogCapture
     path.write_bytes(data)
     context, base = _file_layer(path)
     with caplog.at_level(logging.WARNING, logger="volatility3_xen"):
-        stacked = xen_layer.XenDumpCoreStacker.stack(context, base)
+        stacked = XenDumpCoreStacker.stack(context, base)
     if isinstance(case.expect, Viewed):
         assert isinstance(stacked, xen_layer.XenDumpCoreLayer)
         _check_layer_reads(stacked, data, case.expect.mapping)

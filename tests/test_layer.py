@@ -12,8 +12,9 @@ from volatility3.framework import contexts, exceptions
 from volatility3.framework.layers import physical
 
 from volatility3_xen import api
-from volatility3_xen.layer import XenDumpCoreLayer, XenDumpCoreStacker
-from volatility3_xen.writer import INVALID_PFN, CoreSpec, write_core
+from volatility3_xen.layers.memory import XenDumpCoreLayer
+from volatility3_xen.layers.stackers import XenDumpCoreStacker
+from volatility3_xen.testdata.corewriter import INVALID_PFN, CoreSpec, write_core
 
 PAGE = 4096
 
@@ -261,7 +262,8 @@ def test_second_construction_keeps_the_table_warnings(tmp_path: Path) -> None:
 
 def test_messages_from_file_bytes_are_escaped() -> None:
     """Text taken from a hostile file must not reach the terminal raw."""
-    from volatility3_xen.errors import XenCoreFormatException, printable
+    from volatility3_xen.formats.errors import printable
+    from volatility3_xen.layers.errors import XenCoreFormatException
 
     exc = XenCoreFormatException("layer", "section .xen\x1b[2J\nfake appears twice")
     assert str(exc) == "section .xen\\x1b[2J\\nfake appears twice"

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from volatility3_xen import pagemap
-from volatility3_xen.dumpcore import XenDumpCore
-from volatility3_xen.pagemap import INVALID, PageMap
-from volatility3_xen.writer import INVALID_PFN, CoreSpec, write_core
+from volatility3_xen.formats import pagemap
+from volatility3_xen.formats.dumpcore import XenDumpCore
+from volatility3_xen.formats.pagemap import INVALID, PageMap
+from volatility3_xen.testdata.corewriter import INVALID_PFN, CoreSpec, write_core
 
 MAX_PFN = 1 << 40
 

@@ -35,9 +35,10 @@ from volatility3.framework import contexts, interfaces
 from volatility3.framework.configuration import requirements
 from volatility3.framework.layers import physical
 
-from volatility3_xen import magic, vcpu
-from volatility3_xen import writer as w
-from volatility3_xen.dumpcore import XenDumpCore
+from volatility3_xen.formats import vcpu
+from volatility3_xen.formats.dumpcore import XenDumpCore
+from volatility3_xen.layers import magic
+from volatility3_xen.testdata import corewriter as w
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = REPO / "plugins"
@@ -335,7 +336,7 @@ def test_magic_rejects_non_xen_file_without_leaving_layers(
     assert "plugins.Info.primary" in top.unsatisfied(context, "plugins")
     assert list(context.layers) == []
     assert context.config[magic.STACKERS_KEY] == [magic.NO_STACKER]
-    errors = [r.getMessage() for r in caplog.records if r.name == "volatility3_xen.magic"]
+    errors = [r.getMessage() for r in caplog.records if r.name == "volatility3_xen.layers.magic"]
     assert errors == [f"{cores['not_xen'].resolve()}: not a usable Xen dump-core: "
                       "not an ELF file (no \\x7fELF magic at offset 0)"]  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""PV page walks (volatility3_xen.pv): crafted machine-frame page tables, and the real guest.
+"""PV page walks (volatility3_xen.layers.pv): crafted machine-frame page tables, and the real guest.
 
 Part (a) writes small PV cores whose page tables hold scrambled machine frames (many above
 4 GiB), a machine-contiguous 2 MiB page whose pfns are shuffled, one whose pfns are linear,
@@ -27,8 +27,10 @@ import pytest
 from volatility3.framework import contexts, exceptions
 from volatility3.framework.layers import intel, physical
 
-from volatility3_xen import pv, pvconvert, writer
-from volatility3_xen.layer import XenDumpCoreLayer
+from volatility3_xen.layers import pv, windows
+from volatility3_xen.layers.memory import XenDumpCoreLayer
+from volatility3_xen.testdata import corewriter as writer
+from volatility3_xen.testdata import pvconvert
 
 from .conftest import REPO, SHARED, sha256_of
 
@@ -468,7 +470,7 @@ def test_self_reference_reads_tables_without_hanging(pv64, crafted64) -> None:
 def test_process_layer_clone_and_configuration(pv64) -> None:
     context, layer = pv64
     config = layer.build_configuration()
-    assert config["class"] == "volatility3_xen.pv.XenPVLinuxIntel32e"
+    assert config["class"] == "volatility3_xen.layers.pv.XenPVLinuxIntel32e"
     assert config["page_map_offset"] == L4 << 12  # stays pseudo-physical
     proc = process_layer(context, layer, L4_PROC << 12)
     assert type(proc) is pv.XenPVLinuxIntel32e
@@ -503,7 +505,7 @@ def test_vcpu_roots_and_cross_check(pv64, crafted64, caplog: pytest.LogCaptureFi
         pv.VcpuRoot(1, xen_slot << 12, None),
     ]
     probe = pv.KernelProbe(canonical(va64(511, 510, 0, 2)), tag_page(DATA[2]))
-    with caplog.at_level(logging.DEBUG, logger="volatility3_xen.pv"):
+    with caplog.at_level(logging.DEBUG, logger="volatility3_xen.layers.pv"):
         assert pv.cross_check_vcpu_roots(context, layer, probe, roots) == {0: True, 1: False}
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "vCPU 1" in warnings[0].getMessage()
@@ -525,12 +527,12 @@ def test_stacker_falls_back_to_the_vcpu_table(pv64, crafted64) -> None:
 def test_stackers_ignore_other_layers(crafted64, tmp_path: Path) -> None:
     context, xen_layer = open_core(crafted64.path)
     assert pv.XenPVLinuxIntelStacker.stack(context, "file") is None
-    assert pv.XenVcpuWindowsStacker.stack(context, "xen") is None  # PV: not for Windows
+    assert windows.XenVcpuWindowsStacker.stack(context, "xen") is None  # PV: not for Windows
     hvm = tmp_path / "hvm.core"
     writer.write_core(hvm, writer.CoreSpec(kind="hvm", pfns=np.arange(4, dtype=np.uint64)))
     hvm_context, _ = open_core(hvm)
     assert pv.XenPVLinuxIntelStacker.stack(hvm_context, "xen") is None
-    assert pv.XenVcpuWindowsStacker.stack(hvm_context, "xen") is None  # cr3 0: nothing to try
+    assert windows.XenVcpuWindowsStacker.stack(hvm_context, "xen") is None  # cr3 0: nothing to try
 
 
 # --- (a) crafted PAE tables ----------------------------------------------------------------

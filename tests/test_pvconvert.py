@@ -1,4 +1,4 @@
-"""Tests for volatility3_xen.pvconvert (raw image -> Xen PV page tables) and rawguest roots.
+"""Tests for testdata.pvconvert (raw image -> Xen PV page tables) and rawguest roots.
 
 Every check compares an independent reference walk of the *raw* tables (identity frames) with a
 PV-style walk of the *converted* tables (table base mfn -> m2p -> pfn), address by address.
@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 import pytest
 
-from volatility3_xen.pvconvert import (
+from volatility3_xen.testdata.pvconvert import (
     XEN_PRIVATE_L4_SLOTS,
     LargePageNotContiguousError,
     assign_machine_frames,
@@ -383,6 +383,6 @@ def test_real_guest_pv_walk_matches_raw_walk(guest_image: Path) -> None:
 
 
 def test_find_page_table_roots_on_real_guest(guest_image: Path, symbols_dir: Path) -> None:
-    from volatility3_xen.rawguest import find_page_table_roots
+    from volatility3_xen.testdata.rawguest import find_page_table_roots
 
     assert set(find_page_table_roots(guest_image, symbols_dir)) == set(REAL_ROOTS)

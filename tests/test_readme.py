@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from volatility3_xen import samples
+from volatility3_xen.testdata import samples
 
 from .conftest import CACHE, REPO, run_vol
 

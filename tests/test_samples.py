@@ -18,14 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from volatility3_xen import samples, vcpu, writer
-from volatility3_xen.dumpcore import XenDumpCore
-from volatility3_xen.pvconvert import (
+from volatility3_xen.formats import vcpu
+from volatility3_xen.formats.dumpcore import XenDumpCore
+from volatility3_xen.formats.sharedinfo import decode_shared_info
+from volatility3_xen.testdata import corewriter as writer
+from volatility3_xen.testdata import samples
+from volatility3_xen.testdata.pvconvert import (
     XEN_PRIVATE_L4_SLOTS,
     assign_machine_frames,
     convert_page_tables,
 )
-from volatility3_xen.sharedinfo import decode_shared_info
 
 from .conftest import REPO, SHARED, run_vol, strip_banner
 

@@ -1,6 +1,6 @@
 """vcpu_guest_context / shared_info decoding against the byte offsets of the reference
 (dump-core-layout.md sections 4 and 5), written out here independently of the tables in
-volatility3_xen.vcpu so that a wrong table entry cannot hide behind itself."""
+volatility3_xen.formats.vcpu so that a wrong table entry cannot hide behind itself."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from volatility3_xen import sharedinfo, vcpu
+from volatility3_xen.formats import sharedinfo, vcpu
 
 BYTEORDERS = ("little", "big")
 PREFIX = {"little": "<", "big": ">"}

@@ -1,4 +1,4 @@
-"""Tests for volatility3_xen.writer: byte-exact layout (dump-core-layout.md), contents page by page.
+"""Tests for testdata.corewriter: byte-exact layout (dump-core-layout.md), contents page by page.
 
 Cores are read back with pyelftools and an independent note parser, and (when the system python has
 Debian's python3-libkdumpfile) through libkdumpfile via tests/kdump_oracle.py.
@@ -19,10 +19,10 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 try:
-    from volatility3_xen import writer as w
+    from volatility3_xen.testdata import corewriter as w
 except ModuleNotFoundError:  # package not installed and the repo root not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from volatility3_xen import writer as w
+    from volatility3_xen.testdata import corewriter as w
 
 ORACLE = Path(__file__).with_name("kdump_oracle.py")
 SYSTEM_PYTHON = "/usr/bin/python3"

@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["samples"]:
         # The samples command has its own parser (and --help); hand it the rest as is.
-        from . import samples
+        from .testdata import samples
 
         return samples.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m volatility3_xen")

@@ -26,13 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
 
-from . import vcpu as vcpu_mod
-from .dumpcore import XenDumpCore
-from .elfcore import Section
-from .errors import printable
-from .notes import NOTE_TYPE_NAMES
-from .sharedinfo import SharedInfo, decode_shared_info
-from .vcpu import LAYOUT_ARM, LAYOUT_X86_32, LAYOUT_X86_64, VcpuContext
+from .formats import vcpu as vcpu_mod
+from .formats.dumpcore import XenDumpCore
+from .formats.elfcore import Section
+from .formats.errors import printable
+from .formats.notes import NOTE_TYPE_NAMES
+from .formats.sharedinfo import SharedInfo, decode_shared_info
+from .formats.vcpu import LAYOUT_ARM, LAYOUT_X86_32, LAYOUT_X86_64, VcpuContext
 
 REPORT_VERSION = (1, 0, 0)
 

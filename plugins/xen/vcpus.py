@@ -21,7 +21,7 @@ from volatility3.framework.renderers import format_hints
 from volatility3.plugins.xen import stackers  # noqa: F401
 
 from volatility3_xen import api, report
-from volatility3_xen.magic import XenCoreRequirement
+from volatility3_xen.layers.magic import XenCoreRequirement
 
 vollog = logging.getLogger(__name__)
 

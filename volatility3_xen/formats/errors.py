@@ -1,20 +1,22 @@
-"""The one exception type for damaged or unsupported Xen dump-core files."""
+"""The one exception type the format readers raise for damaged or unsupported files."""
 
-from volatility3.framework import exceptions
+from __future__ import annotations
 
 
-class XenCoreFormatException(exceptions.LayerException):
-    """A Xen dump-core file is malformed, truncated or unsupported.
+class XenFormatError(Exception):
+    """A Xen memory file (dump-core, save image, ...) is malformed, truncated or unsupported.
 
     The message is one line that names the problem and, where there is one, the file
-    offset (``str(exc)`` is meant to be shown to an analyst as is).  It subclasses
-    Volatility's ``LayerException`` so that Volatility's own handlers treat it as a layer
-    problem, not as a bug.
+    offset (``str(exc)`` is meant to be shown to an analyst as is).  The format readers
+    import nothing of Volatility; the layers re-raise this as
+    ``volatility3_xen.layers.errors.XenFormatError`` (a Volatility
+    ``LayerException`` that is also a ``XenFormatError``).
     """
 
-    def __init__(self, layer_name: str, message: str) -> None:
+    def __init__(self, source: str, message: str) -> None:
         message = printable(message)
-        super().__init__(layer_name, message)
+        super().__init__(source, message)
+        self.source = source
         self.message = message
 
     def __str__(self) -> str:

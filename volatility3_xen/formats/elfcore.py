@@ -16,7 +16,7 @@ from elftools.construct import ConstructError
 from elftools.elf.enums import ENUM_E_MACHINE, ENUM_SH_TYPE_BASE
 from elftools.elf.structs import ELFStructs
 
-from .errors import XenCoreFormatException
+from .errors import XenFormatError
 
 #: ``read(offset, length) -> bytes``; may return fewer bytes at the end of the file.
 Reader = Callable[[int, int], bytes]
@@ -109,21 +109,19 @@ class ElfCore:
         self.warnings: list[str] = []
         head = read(0, 64)
         if head[:4] != ELF_MAGIC:
-            raise XenCoreFormatException(name, "not an ELF file (no \\x7fELF magic at offset 0)")
+            raise XenFormatError(name, "not an ELF file (no \\x7fELF magic at offset 0)")
         if len(head) < 6:
-            raise XenCoreFormatException(
-                name, f"ELF header is truncated: the file has {len(head)} bytes"
-            )
+            raise XenFormatError(name, f"ELF header is truncated: the file has {len(head)} bytes")
         if head[4] not in (1, 2):
-            raise XenCoreFormatException(name, f"unknown ELF class {head[4]} at offset 4")
+            raise XenFormatError(name, f"unknown ELF class {head[4]} at offset 4")
         if head[5] not in (1, 2):
-            raise XenCoreFormatException(name, f"unknown ELF data encoding {head[5]} at offset 5")
+            raise XenFormatError(name, f"unknown ELF data encoding {head[5]} at offset 5")
         elfclass = 32 if head[4] == 1 else 64
         self.structs = _structs(elfclass, head[5] == 1)
         try:
             ehdr = self.structs.Elf_Ehdr.parse(head)
         except (ConstructError, ELFError):
-            raise XenCoreFormatException(
+            raise XenFormatError(
                 name,
                 f"ELF header is truncated: the file has {len(head)} bytes, the "
                 f"{elfclass}-bit header needs {self.structs.Elf_Ehdr.sizeof()}",
@@ -139,7 +137,7 @@ class ElfCore:
             e_abiversion=head[8],
         )
         if self.facts.e_type != ET_CORE:
-            raise XenCoreFormatException(
+            raise XenFormatError(
                 name, f"ELF type is {self.facts.e_type}, not ET_CORE (4): not a dump-core"
             )
         self.sections = self._read_sections(ehdr.e_shentsize)
@@ -151,14 +149,12 @@ class ElfCore:
         facts, name = self.facts, self.name
         shdr_struct = self.structs.Elf_Shdr
         if facts.e_shnum == 0:
-            raise XenCoreFormatException(name, "ELF file has no section headers (e_shnum = 0)")
+            raise XenFormatError(name, "ELF file has no section headers (e_shnum = 0)")
         if shentsize < shdr_struct.sizeof():
-            raise XenCoreFormatException(
-                name, f"e_shentsize {shentsize} is smaller than a section header"
-            )
+            raise XenFormatError(name, f"e_shentsize {shentsize} is smaller than a section header")
         table_size = self._table_size = facts.e_shnum * shentsize
         if facts.e_shoff + table_size > self.file_size:
-            raise XenCoreFormatException(
+            raise XenFormatError(
                 name,
                 f"section header table at offset {facts.e_shoff:#x} ({facts.e_shnum} entries) "
                 f"runs past the end of the file ({self.file_size:#x})",
@@ -169,15 +165,13 @@ class ElfCore:
             try:
                 headers.append(shdr_struct.parse(raw[index * shentsize :]))
             except (ConstructError, ELFError) as exc:
-                raise XenCoreFormatException(
-                    name, f"section header {index} is truncated: {exc}"
-                ) from None
+                raise XenFormatError(name, f"section header {index} is truncated: {exc}") from None
 
         names, problem = self._declared_names(headers)
         if problem is not None:
             names = _libxc_names(headers)
             if names is None:
-                raise XenCoreFormatException(name, problem)
+                raise XenFormatError(name, problem)
             self.warnings.append(
                 f"{problem}; the section headers match libxc's names exactly, using those"
             )
@@ -195,7 +189,7 @@ class ElfCore:
                 )
                 continue
             if section_name in sections:
-                raise XenCoreFormatException(
+                raise XenFormatError(
                     name,
                     f"section {section_name} appears twice (indices "
                     f"{sections[section_name].index} and {index})",
@@ -247,7 +241,7 @@ class ElfCore:
 
     def _check_extent(self, what: str, offset: int, size: int) -> None:
         if offset > self.file_size or offset + size > self.file_size:
-            raise XenCoreFormatException(
+            raise XenFormatError(
                 self.name,
                 f"{what} at offset {offset:#x} (size {size:#x}) lies outside the file "
                 f"(size {self.file_size:#x})",
@@ -271,7 +265,7 @@ class ElfCore:
         )
         for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
             if start_b < end_a:
-                raise XenCoreFormatException(
+                raise XenFormatError(
                     self.name, f"{name_a} and {name_b} overlap at offset {start_b:#x}"
                 )
 

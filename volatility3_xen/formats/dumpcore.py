@@ -24,7 +24,7 @@ import numpy as np
 
 from . import notes as xen_notes
 from .elfcore import ElfCore, Reader, Section, looks_like_elf_core
-from .errors import XenCoreFormatException
+from .errors import XenFormatError
 from .pagemap import PageMap
 
 NOTE_SECTION = ".note.Xen"
@@ -95,7 +95,7 @@ def probe_xen_core(read: Reader, file_size: int) -> Probe:
         return Probe(False)
     try:
         elf = ElfCore(read, file_size)
-    except XenCoreFormatException as exc:
+    except XenFormatError as exc:
         window = read(0, min(PROBE_BYTES, file_size))
         if _HEADER_NOTE_LE in window or _HEADER_NOTE_BE in window or _libxc_elf_header(head):
             return Probe(True, str(exc))
@@ -167,7 +167,7 @@ class XenDumpCore:
         name: used in messages (a layer name or a path).
 
     Raises:
-        XenCoreFormatException: the file cannot be mapped; ``str(exc)`` is one line.
+        XenFormatError: the file cannot be mapped; ``str(exc)`` is one line.
 
     Problems that still allow a correct (possibly partial) view are collected in
     ``warnings`` instead.
@@ -191,7 +191,7 @@ class XenDumpCore:
 
         note_section = self._require(NOTE_SECTION)
         if note_section.offset >= file_size:
-            raise XenCoreFormatException(
+            raise XenFormatError(
                 name,
                 f"{NOTE_SECTION} at offset {note_section.offset:#x} lies beyond the end of the "
                 f"file (size {file_size:#x}): truncated file or damaged header",
@@ -207,12 +207,12 @@ class XenDumpCore:
                 if note_section.end > file_size
                 else ""
             )
-            raise XenCoreFormatException(
+            raise XenFormatError(
                 name, f"{NOTE_SECTION} at {note_section.offset:#x} has no usable header note{cut}"
             )
         self.header = self.notes.header
         if self.header.magic not in xen_notes.KNOWN_MAGICS:
-            raise XenCoreFormatException(
+            raise XenFormatError(
                 name, f"unknown dump-core magic {self.header.magic:#x} in the header note"
             )
         self.page_shift = self._page_shift()
@@ -244,18 +244,18 @@ class XenDumpCore:
     def _require(self, name: str) -> Section:
         section = self.sections.get(name)
         if section is None:
-            raise XenCoreFormatException(self.name, f"no {name} section: not a usable dump-core")
+            raise XenFormatError(self.name, f"no {name} section: not a usable dump-core")
         return section
 
     def _page_shift(self) -> int:
         size = self.header.page_size
         if size <= 0 or size & (size - 1):
-            raise XenCoreFormatException(
+            raise XenFormatError(
                 self.name, f"header note page size {size:#x} is not a power of two"
             )
         shift = size.bit_length() - 1
         if not MIN_PAGE_SHIFT <= shift <= MAX_PAGE_SHIFT:
-            raise XenCoreFormatException(
+            raise XenFormatError(
                 self.name, f"header note page size {size:#x} is outside 512 B .. 16 MiB"
             )
         return shift
@@ -263,14 +263,12 @@ class XenDumpCore:
     def _table_section(self) -> Section:
         p2m, pfn = self.sections.get(P2M_SECTION), self.sections.get(PFN_SECTION)
         if p2m and pfn:
-            raise XenCoreFormatException(
+            raise XenFormatError(
                 self.name, f"both {P2M_SECTION} and {PFN_SECTION} are present; cannot choose"
             )
         table = p2m or pfn
         if table is None:
-            raise XenCoreFormatException(
-                self.name, f"neither {P2M_SECTION} nor {PFN_SECTION} is present"
-            )
+            raise XenFormatError(self.name, f"neither {P2M_SECTION} nor {PFN_SECTION} is present")
         if self.header.is_pv != (table.name == P2M_SECTION):
             self.warnings.append(
                 f"header magic says {self.header.guest_type} but the table is {table.name}; "
@@ -283,13 +281,13 @@ class XenDumpCore:
         note: a disagreement means one of them is damaged, and guessing would map every
         page at the wrong offset."""
         if self.pages.entsize not in (0, self.page_size):
-            raise XenCoreFormatException(
+            raise XenFormatError(
                 self.name,
                 f"{PAGES_SECTION} entry size {self.pages.entsize:#x} disagrees with the header "
                 f"note page size {self.page_size:#x}",
             )
         if self.table.entsize not in (0, self.table_entry_size):
-            raise XenCoreFormatException(
+            raise XenFormatError(
                 self.name,
                 f"{self.table.name} entry size {self.table.entsize} is not {self.table_entry_size}",
             )
@@ -402,7 +400,7 @@ class XenDumpCore:
         page_map = PageMap(pfns, gmfns, self.max_pfn)
         self.warnings.extend(page_map.warnings)
         if page_map.stats.valid == 0:
-            raise XenCoreFormatException(self.name, self._why_no_pages(entries))
+            raise XenFormatError(self.name, self._why_no_pages(entries))
         return page_map
 
     def _table_bytes(self, length: int) -> Buffer:

@@ -23,8 +23,8 @@ from typing import Any, Literal, Union
 
 import numpy as np
 
-from .notes import XEN_VERSION_STRINGS
-from .vcpu import LAYOUT_X86_32, LAYOUT_X86_64, encode_vcpu
+from ..formats.notes import XEN_VERSION_STRINGS
+from ..formats.vcpu import LAYOUT_X86_32, LAYOUT_X86_64, encode_vcpu
 
 # --- constants from the Xen headers (values in dump-core-layout.md) -------------------------------
 

@@ -7,7 +7,7 @@ stacker (banner scans over the whole guest) before ``xen.info`` could print a he
 ``XenCoreMagic`` runs at priority 5, after ``ConstructionMagic`` (0, which honours saved
 configurations) and before ``LayerStacker`` (10).  For each unsatisfied
 ``XenCoreRequirement`` it opens the CLI's ``-f`` file directly as ``FileLayer`` +
-``XenDumpCoreLayer`` (``api.open_core``) and points the requirement at it; LayerStacker
+``XenDumpCoreLayer`` (``memory.open_core``) and points the requirement at it; LayerStacker
 then finds nothing left to do and returns at once.
 
 If the file is not a usable dump-core the automagic logs one line saying why, leaves the
@@ -25,8 +25,8 @@ from volatility3.framework import constants, exceptions, interfaces
 from volatility3.framework.automagic import stacker
 from volatility3.framework.configuration import requirements
 
-from . import api
-from .errors import XenCoreFormatException
+from ..formats.errors import XenFormatError
+from .memory import find_xen_layer, open_core
 
 vollog = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class XenCoreRequirement(requirements.TranslationLayerRequirement):
             return unsatisfied
         path = interfaces.configuration.path_join(config_path, self.name)
         value = self.config_value(context, path, None)
-        if isinstance(value, str) and api.find_xen_layer(context, value) is None:
+        if isinstance(value, str) and find_xen_layer(context, value) is None:
             vollog.log(constants.LOGLEVEL_V, f"TypeError - {value} is not a Xen dump-core layer")
             return {path: self}
         return {}
@@ -99,8 +99,8 @@ class XenCoreMagic(interfaces.automagic.AutomagicInterface):
         """``api.open_core``; on failure log why, remove what it added, return None."""
         before = set(context.layers)
         try:
-            return api.open_core(context, location)
-        except XenCoreFormatException as exc:
+            return open_core(context, location)
+        except XenFormatError as exc:
             problem = str(exc)
         except (OSError, exceptions.LayerException) as exc:
             problem = f"cannot be read: {exc}"

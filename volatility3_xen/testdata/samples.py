@@ -51,7 +51,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import vcpu, writer
+from ..formats import vcpu
+from . import corewriter as writer
 from .pvconvert import LOW_MEMORY_FRAMES, assign_machine_frames, convert_page_tables
 
 __all__ = [
@@ -194,7 +195,7 @@ def load_facts(sample_dir: Path, name: str = SAMPLE_NAME) -> SampleFacts:
 
 def bundled_sample_dir() -> Path:
     """``samples/`` of the checkout this module lives in."""
-    return Path(__file__).resolve().parents[1] / "samples"
+    return Path(__file__).resolve().parents[2] / "samples"
 
 
 def cache_dir() -> Path:

@@ -17,17 +17,19 @@ import os
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import numpy as np
-from volatility3.framework import constants, exceptions, interfaces
+from volatility3.framework import exceptions, interfaces
 from volatility3.framework.configuration import requirements
-from volatility3.framework.layers import linear
+from volatility3.framework.layers import linear, physical
 
-from .dumpcore import Probe, XenDumpCore, file_region_mapper, probe_xen_core
-from .errors import XenCoreFormatException, printable
-from .pagemap import PageMap, Runs, uint64_array
+from ..formats.dumpcore import XenDumpCore, file_region_mapper
+from ..formats.errors import XenFormatError, printable
+from ..formats.pagemap import PageMap, Runs, uint64_array
+from .errors import XenCoreFormatException
 
 vollog = logging.getLogger(__name__)
 
@@ -209,11 +211,14 @@ class XenDumpCoreLayer(_RunMappedLayer):
         identity = _file_identity(base)
         self._source = identity[0] if identity else self._base_layer
         mapper = file_region_mapper(identity[0]) if identity else None
-        self._core = XenDumpCore(read, size, name=self._source, map_region=mapper)
         cached = _PAGE_MAP_CACHE.get(identity) if identity else None
-        if cached is not None:
-            self._core.adopt_page_map(cached)
-        page_map = self._core.page_map
+        try:
+            self._core = XenDumpCore(read, size, name=self._source, map_region=mapper)
+            if cached is not None:
+                self._core.adopt_page_map(cached)
+            page_map = self._core.page_map
+        except XenFormatError as exc:
+            raise XenCoreFormatException.from_format_error(name, exc) from exc
         if identity and cached is None:
             if len(_PAGE_MAP_CACHE) >= _PAGE_MAP_CACHE_SIZE:
                 _PAGE_MAP_CACHE.pop(next(iter(_PAGE_MAP_CACHE)))
@@ -308,45 +313,48 @@ def _identity_runs(xen_layer: XenDumpCoreLayer) -> Runs:
     return Runs(runs.key, runs.key, runs.count)
 
 
-class XenDumpCoreStacker(interfaces.automagic.StackerLayerInterface):
-    """Stacks ``XenDumpCoreLayer`` on a Xen dump-core file.
+def find_xen_layer(
+    context: interfaces.context.ContextInterface, layer_name: str
+) -> XenDumpCoreLayer | None:
+    """The Xen dump-core layer at or below ``layer_name`` (e.g. below a kernel layer)."""
+    pending, seen = [layer_name], set()
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in context.layers:
+            continue
+        seen.add(name)
+        layer = context.layers[name]
+        if isinstance(layer, XenDumpCoreLayer):
+            return layer
+        pending.extend(layer.dependencies)
+    return None
 
-    Order 9: below Volatility's ``Elf64Stacker`` and ``XenCoreDumpStacker`` (10), which
-    would otherwise claim the file first and map it wrongly.
+
+def open_core(
+    context: interfaces.context.ContextInterface,
+    location: str | os.PathLike[str],
+    layer_name: str | None = None,
+) -> str:
+    """Add a ``FileLayer`` for ``location`` (a path or ``file:`` URL) and a
+    ``XenDumpCoreLayer`` over it; return the Xen layer's name.
+
+    Raises ``XenCoreFormatException`` if the file is not a usable dump-core.
     """
+    url = str(location)
+    if "://" not in url:
+        url = Path(url).resolve().as_uri()
+    file_name = context.layers.free_layer_name("XenCoreFile")
+    context.config[interfaces.configuration.path_join(file_name, "location")] = url
+    context.layers.add_layer(physical.FileLayer(context, file_name, file_name))
+    name = layer_name or context.layers.free_layer_name("XenDumpCoreLayer")
+    context.config[interfaces.configuration.path_join(name, "base_layer")] = file_name
+    context.layers.add_layer(XenDumpCoreLayer(context, name, name))
+    return name
 
-    stack_order = 9
-    exclusion_list: list[str] = []
 
-    @classmethod
-    def stack(
-        cls,
-        context: interfaces.context.ContextInterface,
-        layer_name: str,
-        progress_callback: constants.ProgressCallback = None,
-    ) -> interfaces.layers.DataLayerInterface | None:
-        base = context.layers[layer_name]
-        if isinstance(base, (XenDumpCoreLayer, XenMachineLayer)):
-            return None
-        try:
-            read, size = _base_reader(base)
-            probe: Probe = probe_xen_core(read, size)
-        except exceptions.InvalidAddressException:
-            return None
-        identity = _file_identity(base)
-        source = identity[0] if identity else layer_name
-        if not probe.is_xen:
-            vollog.log(constants.LOGLEVEL_VVVV, f"{source}: not a Xen dump-core")
-            return None
-        if probe.problem:
-            _report_once(source, f"Xen dump-core cannot be used: {probe.problem}")
-            return None
-        new_name = context.layers.free_layer_name("XenDumpCoreLayer")
-        context.config[interfaces.configuration.path_join(new_name, "base_layer")] = layer_name
-        try:
-            return XenDumpCoreLayer(context, new_name, new_name)
-        except XenCoreFormatException as exc:
-            # Volatility hides stacker exceptions below -vvvvv; an analyst holding a
-            # damaged core must learn why it is read as raw bytes.
-            _report_once(source, f"Xen dump-core cannot be used: {exc}")
-            return None
+def add_machine_layer(context: interfaces.context.ContextInterface, xen_layer_name: str) -> str:
+    """Add a ``XenMachineLayer`` (machine addresses) over a Xen layer; return its name."""
+    name = context.layers.free_layer_name("XenMachineLayer")
+    context.config[interfaces.configuration.path_join(name, "xen_layer")] = xen_layer_name
+    context.layers.add_layer(XenMachineLayer(context, name, name))
+    return name
