@@ -25,7 +25,8 @@ import numpy as np
 from . import notes as xen_notes
 from .elfcore import ElfCore, Reader, Section, looks_like_elf_core
 from .errors import XenFormatError
-from .pagemap import PageMap
+from .image import GUEST_HVM_OR_PVH, GUEST_PV, GuestMemoryImage, MachineFrameMap
+from .pagemap import PageMap, Runs, uint64_array
 
 NOTE_SECTION = ".note.Xen"
 PRSTATUS_SECTION = ".xen_prstatus"
@@ -157,7 +158,7 @@ class VcpuArea:
     count: int
 
 
-class XenDumpCore:
+class XenDumpCore(GuestMemoryImage):
     """A parsed Xen dump-core.
 
     Args:
@@ -347,7 +348,7 @@ class XenDumpCore:
 
     @property
     def guest_type(self) -> str:
-        return "PV" if self.is_pv else "HVM/PVH"
+        return GUEST_PV if self.is_pv else GUEST_HVM_OR_PVH
 
     @property
     def guest_width(self) -> int | None:
@@ -492,33 +493,29 @@ class XenDumpCore:
         once per core."""
         return list(self.vcpu_contexts)
 
-    # -- machine frames --------------------------------------------------------------------
+    # -- the model the layers use (image.GuestMemoryImage) ---------------------------------
 
-    def pfn_to_mfn(self, pfn: int) -> int | None:
-        """Machine frame backing ``pfn`` (PV); for HVM the identity on stored pfns."""
-        if not self.is_pv:
-            return pfn if self.page_map.page_index(pfn) is not None else None
-        return self.page_map.pfn_to_mfn(pfn)
+    format_name = "Xen dump-core"
 
-    def mfn_to_pfn(self, mfn: int) -> int | None:
-        """pfn of machine frame ``mfn``, or None when the guest does not own it."""
-        if not self.is_pv:
-            return mfn if self.page_map.page_index(mfn) is not None else None
-        return self.page_map.mfn_to_pfn(mfn)
+    @cached_property
+    def _page_runs(self) -> Runs:
+        runs = self.page_map.pfn_runs
+        index = np.frombuffer(runs.value, dtype=np.uint64)
+        offsets = (index << np.uint64(self.page_shift)) + np.uint64(self.pages.offset)
+        return Runs(runs.key, uint64_array(offsets), runs.count)
 
-    def machine_to_physical(self, address: int) -> int | None:
-        """A machine address as the guest's pseudo-physical address, or None."""
-        pfn = self.mfn_to_pfn(address >> self.page_shift)
-        if pfn is None:
-            return None
-        return (pfn << self.page_shift) | (address & (self.page_size - 1))
+    def page_runs(self) -> Runs:
+        """pfn -> file offset runs: entry ``i`` of the table names the page at
+        ``.xen_pages + i * page_size``."""
+        return self._page_runs
 
-    def physical_to_machine(self, address: int) -> int | None:
-        """A pseudo-physical address as the machine address backing it, or None."""
-        mfn = self.pfn_to_mfn(address >> self.page_shift)
-        if mfn is None:
-            return None
-        return (mfn << self.page_shift) | (address & (self.page_size - 1))
+    @property
+    def machine_frames(self) -> MachineFrameMap | None:
+        """The ``.xen_p2m`` table (PV): the page tables hold machine frames."""
+        return self.page_map if self.is_pv else None
+
+    def has_pfn(self, pfn: int) -> bool:
+        return self.page_map.page_index(pfn) is not None
 
     @cached_property
     def shared_info(self) -> bytes | None:

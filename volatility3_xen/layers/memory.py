@@ -1,10 +1,11 @@
-"""Volatility layers for Xen dump-cores, and the stacker that puts them on a file.
+"""Volatility layers for Xen guest memory files.
 
+- ``XenGuestLayer``: the base of every pseudo-physical layer over a Xen file (one per
+  format), built from a ``formats.image.GuestMemoryImage``; what every OS layer (Intel,
+  PV Intel) sits on.
 - ``XenDumpCoreLayer``: guest pseudo-physical address -> file offset in ``.xen_pages``.
-  This is what the stacker returns and what every OS layer (Intel, PV Intel) sits on.
 - ``XenMachineLayer``: machine address -> pseudo-physical address (PV guests; identity for
   auto-translated guests), built on demand by ``api.add_machine_layer``.
-- ``XenDumpCoreStacker``: stack order 9, ahead of Volatility's own ELF and Xen stackers.
 
 The layer publishes no ``os``/``architecture`` metadata, so OS detection still runs.
 """
@@ -28,6 +29,7 @@ from volatility3.framework.layers import linear, physical
 
 from ..formats.dumpcore import XenDumpCore, file_region_mapper
 from ..formats.errors import XenFormatError, printable
+from ..formats.image import GuestMemoryImage, MachineFrameMap
 from ..formats.pagemap import PageMap, Runs, uint64_array
 from .errors import XenCoreFormatException
 
@@ -90,13 +92,17 @@ class _RunMappedLayer(linear.LinearlyMappedLayer):
     _run_size: array
     _target_layer: str
 
-    def _set_runs(self, runs: Runs, shift: int, target_base: int = 0) -> None:
-        """Runs of frames -> runs of bytes (address, target address, size)."""
+    def _set_runs(
+        self, runs: Runs, shift: int, value_shift: int | None = None, target_base: int = 0
+    ) -> None:
+        """Runs of frames -> runs of bytes (address, target address, size).  Values are
+        frames too unless ``value_shift`` says otherwise (0: they are byte offsets)."""
+        value_shift = shift if value_shift is None else value_shift
         keys, values, counts = (
             np.frombuffer(column, dtype=np.uint64) for column in (runs.key, runs.value, runs.count)
         )
         self._run_addr = uint64_array(keys << np.uint64(shift))
-        self._run_target = uint64_array((values << np.uint64(shift)) + np.uint64(target_base))
+        self._run_target = uint64_array((values << np.uint64(value_shift)) + np.uint64(target_base))
         self._run_size = uint64_array(counts << np.uint64(shift))
 
     # -- mapping ---------------------------------------------------------------------------
@@ -185,7 +191,71 @@ class _RunMappedLayer(linear.LinearlyMappedLayer):
         return [self._target_layer]
 
 
-class XenDumpCoreLayer(_RunMappedLayer):
+class XenGuestLayer(_RunMappedLayer):
+    """A guest's pseudo-physical memory from one Xen file (``image.GuestMemoryImage``).
+
+    Subclasses parse their format in ``__init__`` and call ``_install(image)``; the
+    layers above (Intel, PV Intel, the machine layer), the stackers, the ``xen.*`` plugins
+    and the script API use only what is defined here, whatever the file format.
+    """
+
+    _image: GuestMemoryImage
+    _source: str
+
+    def _install(self, image: GuestMemoryImage) -> None:
+        self._image = image
+        self._set_runs(image.page_runs(), image.page_shift, value_shift=0)
+        for warning in image.warnings:
+            _report_once(self._source, warning)
+
+    @classmethod
+    def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
+        return [requirements.TranslationLayerRequirement(name="base_layer", optional=False)]
+
+    # -- the header API (what xen.info / xen.vcpus render) ----------------------------------
+
+    @property
+    def image(self) -> GuestMemoryImage:
+        """The parsed file: what it says about the guest, its vCPUs and its page map."""
+        return self._image
+
+    @property
+    def source(self) -> str:
+        """The file's path (or the base layer's name): what messages are about."""
+        return self._source
+
+    @property
+    def page_size(self) -> int:
+        return self._image.page_size
+
+    @property
+    def is_pv(self) -> bool:
+        return self._image.is_pv
+
+    @property
+    def machine_frames(self) -> MachineFrameMap | None:
+        """pfn <-> mfn when the guest's page tables hold machine frames (the PV walk
+        needs it), else None."""
+        return self._image.machine_frames
+
+    # -- machine frames --------------------------------------------------------------------
+
+    def pfn_to_mfn(self, pfn: int) -> int | None:
+        """Machine frame backing ``pfn`` (PV); the identity on stored pfns otherwise."""
+        return self._image.pfn_to_mfn(pfn)
+
+    def mfn_to_pfn(self, mfn: int) -> int | None:
+        """pfn of machine frame ``mfn``, or None when the guest does not own it."""
+        return self._image.mfn_to_pfn(mfn)
+
+    def machine_to_physical(self, address: int) -> int | None:
+        return self._image.machine_to_physical(address)
+
+    def physical_to_machine(self, address: int) -> int | None:
+        return self._image.physical_to_machine(address)
+
+
+class XenDumpCoreLayer(XenGuestLayer):
     """Guest pseudo-physical memory of a Xen dump-core (``xl dump-core``), PV or HVM.
 
     Address ``pfn * page_size + off`` maps to ``.xen_pages + index * page_size + off``
@@ -213,27 +283,18 @@ class XenDumpCoreLayer(_RunMappedLayer):
         mapper = file_region_mapper(identity[0]) if identity else None
         cached = _PAGE_MAP_CACHE.get(identity) if identity else None
         try:
-            self._core = XenDumpCore(read, size, name=self._source, map_region=mapper)
+            core = XenDumpCore(read, size, name=self._source, map_region=mapper)
             if cached is not None:
-                self._core.adopt_page_map(cached)
-            page_map = self._core.page_map
+                core.adopt_page_map(cached)
+            page_map = core.page_map
         except XenFormatError as exc:
             raise XenCoreFormatException.from_format_error(name, exc) from exc
         if identity and cached is None:
             if len(_PAGE_MAP_CACHE) >= _PAGE_MAP_CACHE_SIZE:
                 _PAGE_MAP_CACHE.pop(next(iter(_PAGE_MAP_CACHE)))
             _PAGE_MAP_CACHE[identity] = page_map
-        self._page_map = page_map
-        self._page_shift = self._core.page_shift
-        self._set_runs(page_map.pfn_runs, self._page_shift, self._core.pages.offset)
-        for warning in self._core.warnings:
-            _report_once(self._source, warning)
-
-    @classmethod
-    def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
-        return [requirements.TranslationLayerRequirement(name="base_layer", optional=False)]
-
-    # -- the header API (what xen.info / xen.vcpus render) ----------------------------------
+        self._core = core
+        self._install(core)
 
     @property
     def core(self) -> XenDumpCore:
@@ -241,37 +302,8 @@ class XenDumpCoreLayer(_RunMappedLayer):
         return self._core
 
     @property
-    def source(self) -> str:
-        """The file's path (or the base layer's name): what messages are about."""
-        return self._source
-
-    @property
     def page_map(self) -> PageMap:
-        return self._page_map
-
-    @property
-    def page_size(self) -> int:
-        return 1 << self._page_shift
-
-    @property
-    def is_pv(self) -> bool:
-        return self._core.is_pv
-
-    # -- machine frames --------------------------------------------------------------------
-
-    def pfn_to_mfn(self, pfn: int) -> int | None:
-        """Machine frame backing ``pfn`` (PV); for HVM the identity on stored pfns."""
-        return self._core.pfn_to_mfn(pfn)
-
-    def mfn_to_pfn(self, mfn: int) -> int | None:
-        """pfn of machine frame ``mfn``, or None when the guest does not own it."""
-        return self._core.mfn_to_pfn(mfn)
-
-    def machine_to_physical(self, address: int) -> int | None:
-        return self._core.machine_to_physical(address)
-
-    def physical_to_machine(self, address: int) -> int | None:
-        return self._core.physical_to_machine(address)
+        return self._core.page_map
 
 
 class XenMachineLayer(_RunMappedLayer):
@@ -295,12 +327,13 @@ class XenMachineLayer(_RunMappedLayer):
         super().__init__(context=context, config_path=config_path, name=name, metadata=metadata)
         self._target_layer = self.config["xen_layer"]
         xen_layer = context.layers[self._target_layer]
-        if not isinstance(xen_layer, XenDumpCoreLayer):
-            raise XenCoreFormatException(name, f"{self._target_layer} is not a Xen dump-core layer")
-        runs = xen_layer.page_map.m2p_runs if xen_layer.is_pv else _identity_runs(xen_layer)
-        self._set_runs(runs, xen_layer.core.page_shift)
+        if not isinstance(xen_layer, XenGuestLayer):
+            raise XenCoreFormatException(name, f"{self._target_layer} is not a Xen guest layer")
+        frames = xen_layer.machine_frames
+        runs = frames.m2p_runs if frames is not None else _identity_runs(xen_layer.image)
+        self._set_runs(runs, xen_layer.image.page_shift)
         # Building the reverse map may have found shared machine frames: say so now.
-        for warning in xen_layer.page_map.warnings:
+        for warning in frames.warnings if frames is not None else ():
             _report_once(xen_layer.source, warning)
 
     @classmethod
@@ -308,15 +341,15 @@ class XenMachineLayer(_RunMappedLayer):
         return [requirements.TranslationLayerRequirement(name="xen_layer", optional=False)]
 
 
-def _identity_runs(xen_layer: XenDumpCoreLayer) -> Runs:
-    runs = xen_layer.page_map.pfn_runs
+def _identity_runs(image: GuestMemoryImage) -> Runs:
+    runs = image.page_runs()
     return Runs(runs.key, runs.key, runs.count)
 
 
 def find_xen_layer(
     context: interfaces.context.ContextInterface, layer_name: str
-) -> XenDumpCoreLayer | None:
-    """The Xen dump-core layer at or below ``layer_name`` (e.g. below a kernel layer)."""
+) -> XenGuestLayer | None:
+    """The Xen guest layer at or below ``layer_name`` (e.g. below a kernel layer)."""
     pending, seen = [layer_name], set()
     while pending:
         name = pending.pop()
@@ -324,7 +357,7 @@ def find_xen_layer(
             continue
         seen.add(name)
         layer = context.layers[name]
-        if isinstance(layer, XenDumpCoreLayer):
+        if isinstance(layer, XenGuestLayer):
             return layer
         pending.extend(layer.dependencies)
     return None

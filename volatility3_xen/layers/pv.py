@@ -3,7 +3,7 @@
 In a paravirtualised guest every present page-table entry holds a *machine* frame number
 (mfn), while everything else the kernel calls physical (``__pa``, struct page pfns, the
 symbol DTB ``init_top_pgt``) is pseudo-physical.  The layers here keep ``memory_layer`` the
-pseudo-physical ``XenDumpCoreLayer`` and ``page_map_offset`` pseudo-physical in the config,
+pseudo-physical ``XenGuestLayer`` and ``page_map_offset`` pseudo-physical in the config,
 and translate inside the walk instead:
 
 - the top-level table's pfn is turned into its mfn once (``__init__``);
@@ -34,7 +34,7 @@ from volatility3.framework.automagic import linux as linux_automagic
 from volatility3.framework.layers import intel
 
 from ..formats import vcpu as xen_vcpu
-from .memory import XenDumpCoreLayer, find_xen_layer
+from .memory import XenGuestLayer, find_xen_layer
 
 vollog = logging.getLogger(__name__)
 
@@ -47,8 +47,9 @@ _path_join = interfaces.configuration.path_join
 class XenPVMixin(intel.Intel):
     """Walks page tables whose entries hold machine frames of a Xen PV guest.
 
-    ``memory_layer`` must resolve (through its dependencies) to a PV ``XenDumpCoreLayer``
-    whose addresses it shares; ``page_map_offset`` is pseudo-physical.
+    ``memory_layer`` must resolve (through its dependencies) to a ``XenGuestLayer`` with a
+    machine-frame map (a PV dump-core, an in-guest PV image) whose addresses it shares;
+    ``page_map_offset`` is pseudo-physical.
     """
 
     def __init__(
@@ -60,12 +61,13 @@ class XenPVMixin(intel.Intel):
     ) -> None:
         super().__init__(context=context, config_path=config_path, name=name, metadata=metadata)
         xen_layer = find_xen_layer(context, self._base_layer)
-        if xen_layer is None or not xen_layer.is_pv:
+        frames = xen_layer.machine_frames if xen_layer is not None else None
+        if frames is None:
             raise exceptions.LayerException(
-                name, f"{self._base_layer} does not rest on a Xen PV dump-core layer"
+                name, f"{self._base_layer} does not rest on a Xen layer with machine frames"
             )
         # The machine-to-pfn runs, bound once: the hot path is one bisect on them.
-        runs = xen_layer.page_map.m2p_runs
+        runs = frames.m2p_runs
         self._m2p_mfn, self._m2p_pfn, self._m2p_count = runs.key, runs.value, runs.count
         top_mfn = xen_layer.pfn_to_mfn(self._page_map_offset >> PAGE_SHIFT)
         if top_mfn is None:
@@ -181,17 +183,18 @@ class VcpuRoot(NamedTuple):
     physical_address: int | None  # pseudo-physical; None: the guest does not own the frame
 
 
-def vcpu_page_table_roots(xen_layer: XenDumpCoreLayer) -> list[VcpuRoot]:
-    """Decode ``ctrlreg[3]`` of every online x86 vCPU of a PV core.
+def vcpu_page_table_roots(xen_layer: XenGuestLayer) -> list[VcpuRoot]:
+    """Decode ``ctrlreg[3]`` of every online x86 vCPU of a PV guest whose page tables
+    hold machine frames.
 
     64-bit PV: ``mfn << 12`` of the kernel L4; 32-bit PV: Xen's rotated compat encoding of
     the L3's mfn (undone by ``vcpu.VcpuContext.decoded_page_table_base``).  The table may be
     a process pgd: its kernel half equals the kernel DTB's.
     """
-    if not xen_layer.is_pv:
+    if xen_layer.machine_frames is None:
         return []
     try:
-        contexts = xen_layer.core.vcpus()
+        contexts = xen_layer.image.vcpus()
     except (ValueError, exceptions.InvalidAddressException) as exc:
         vollog.debug(f"{xen_layer.name}: vCPU contexts unreadable: {exc}")
         return []
@@ -301,7 +304,8 @@ def cross_check_vcpu_roots(
 
 
 class XenPVLinuxIntelStacker(interfaces.automagic.StackerLayerInterface):
-    """Stacks a PV Intel layer on a Linux PV guest's ``XenDumpCoreLayer``.
+    """Stacks a PV Intel layer on a Linux PV guest's ``XenGuestLayer`` (page tables of
+    machine frames).
 
     Order 33: ahead of Volatility's VMCOREINFO (34) and banner (35) stackers, which would
     build a stock Intel layer that misreads machine frames.  Those stackers still do the
@@ -320,7 +324,7 @@ class XenPVLinuxIntelStacker(interfaces.automagic.StackerLayerInterface):
         progress_callback: constants.ProgressCallback = None,
     ) -> interfaces.layers.DataLayerInterface | None:
         xen_layer = context.layers[layer_name]
-        if not isinstance(xen_layer, XenDumpCoreLayer) or not xen_layer.is_pv:
+        if not isinstance(xen_layer, XenGuestLayer) or xen_layer.machine_frames is None:
             return None
         roots = vcpu_page_table_roots(xen_layer)
         routes = (linux_automagic.LinuxIntelVMCOREINFOStacker, linux_automagic.LinuxIntelStacker)

@@ -11,6 +11,7 @@ from ..formats.dumpcore import Probe, probe_xen_core
 from ..formats.errors import XenFormatError
 from .memory import (
     XenDumpCoreLayer,
+    XenGuestLayer,
     XenMachineLayer,
     _base_reader,
     _file_identity,
@@ -38,7 +39,7 @@ class XenDumpCoreStacker(interfaces.automagic.StackerLayerInterface):
         progress_callback: constants.ProgressCallback = None,
     ) -> interfaces.layers.DataLayerInterface | None:
         base = context.layers[layer_name]
-        if isinstance(base, (XenDumpCoreLayer, XenMachineLayer)):
+        if isinstance(base, (XenGuestLayer, XenMachineLayer)):
             return None
         try:
             read, size = _base_reader(base)

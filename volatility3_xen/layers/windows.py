@@ -9,7 +9,7 @@ from volatility3.framework.automagic import windows as windows_automagic
 from volatility3.framework.layers import intel
 
 from ..formats import vcpu as xen_vcpu
-from .memory import XenDumpCoreLayer
+from .memory import XenGuestLayer
 
 vollog = logging.getLogger(__name__)
 
@@ -36,10 +36,10 @@ class XenVcpuWindowsStacker(interfaces.automagic.StackerLayerInterface):
         progress_callback: constants.ProgressCallback = None,
     ) -> interfaces.layers.DataLayerInterface | None:
         xen_layer = context.layers[layer_name]
-        if not isinstance(xen_layer, XenDumpCoreLayer) or xen_layer.is_pv:
+        if not isinstance(xen_layer, XenGuestLayer) or xen_layer.is_pv:
             return None
         try:
-            contexts = xen_layer.core.vcpus()
+            contexts = xen_layer.image.vcpus()
         except ValueError as exc:
             vollog.debug(f"{layer_name}: vCPU contexts unreadable: {exc}")
             return None
