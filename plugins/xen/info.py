@@ -36,7 +36,7 @@ class Info(interfaces.plugins.PluginInterface):
     hex for addresses, where the fact is a number, so that ``-r json``/``-r csv`` give
     machine-readable values) and Note (where a value comes from or why it may mislead,
     e.g. virt_start is dom0's, not the guest's).  The same facts are available to
-    scripts as volatility3_xen.report.core_facts().
+    scripts as volatility3_xen.report.facts().
     """
 
     _required_framework_version = (2, 0, 0)
@@ -51,7 +51,7 @@ class Info(interfaces.plugins.PluginInterface):
         if layer is None:  # XenCoreRequirement guarantees one; a hand-made config may not
             vollog.error(f"{self.config['primary']} is not a Xen dump-core layer")
             return
-        for fact in report.core_facts(layer.core):
+        for fact in report.facts(layer.image):
             value = renderers.NotAvailableValue() if fact.value is None else fact.text
             yield 0, (fact.group, fact.field, value, _number(fact), fact.hint)
 

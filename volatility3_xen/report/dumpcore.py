@@ -20,74 +20,32 @@ change; renaming or removing one, or changing a value's type, is a major change.
 
 from __future__ import annotations
 
-import datetime
-import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Union
 
-from .formats import vcpu as vcpu_mod
-from .formats.dumpcore import XenDumpCore
-from .formats.elfcore import Section
-from .formats.errors import printable
-from .formats.notes import NOTE_TYPE_NAMES
-from .formats.sharedinfo import SharedInfo, decode_shared_info
-from .formats.vcpu import LAYOUT_ARM, LAYOUT_X86_32, LAYOUT_X86_64, VcpuContext
-
-REPORT_VERSION = (1, 0, 0)
+from ..formats import vcpu as vcpu_mod
+from ..formats.dumpcore import XenDumpCore
+from ..formats.elfcore import Section
+from ..formats.errors import printable
+from ..formats.notes import NOTE_TYPE_NAMES
+from ..formats.sharedinfo import SharedInfo, decode_shared_info
+from ..formats.vcpu import LAYOUT_X86_32, LAYOUT_X86_64, VcpuContext
+from .model import (
+    GROUP_FILE,
+    GROUP_FORMAT,
+    GROUP_GUEST,
+    GROUP_NOTES,
+    GROUP_SECTIONS,
+    GROUP_SHARED_INFO,
+    GROUP_TABLE,
+    GROUP_WARNINGS,
+    GROUP_XEN,
+    Fact,
+    FactValue,
+    human_size,
+    utc_text,
+)
 
 EM_386, EM_X86_64 = 3, 62
-
-# Fact groups, in the order ``core_facts`` emits them.
-GROUP_FILE = "file"
-GROUP_GUEST = "guest"
-GROUP_FORMAT = "format"
-GROUP_XEN = "xen"
-GROUP_NOTES = "notes"
-GROUP_SECTIONS = "sections"
-GROUP_TABLE = "table"
-GROUP_SHARED_INFO = "shared_info"
-GROUP_WARNINGS = "warnings"
-
-
-class Absent(enum.Enum):
-    """Why a cell has no value (plugins map these to Volatility's absent values)."""
-
-    NOT_APPLICABLE = "not applicable"  # the field does not exist for this guest kind
-    NOT_FOUND = "not found"  # the value points at something the core does not hold
-
-
-FactValue = Union[int, str, bool, None]
-Cell = Union[int, str, bool, Absent]
-
-
-@dataclass(frozen=True)
-class Fact:
-    """One line of ``xen.info``.
-
-    ``value`` is typed (int, str, bool; None when the file lacks it); ``hex`` says an int
-    is best read in hex (addresses, magics); ``hint`` is a short note for the analyst:
-    where the value comes from, or why it may mislead.
-    """
-
-    group: str
-    field: str
-    value: FactValue
-    hint: str = ""
-    hex: bool = False
-
-    @property
-    def text(self) -> str:
-        """The value as ``xen.info`` prints it."""
-        value = self.value
-        if value is None:
-            return "absent"
-        if isinstance(value, bool):
-            return "yes" if value else "no"
-        if isinstance(value, int) and self.hex:
-            return f"{value:#x}"
-        return printable(str(value))
-
 
 # -- cached per-core decoding ---------------------------------------------------------------
 
@@ -158,7 +116,7 @@ def core_facts(core: XenDumpCore) -> list[Fact]:
         Fact(table, "runs", stats.runs, "contiguous pfn ranges"),
         Fact(table, "lowest_pfn", stats.lowest_pfn, hex=True),
         Fact(table, "highest_pfn", stats.highest_pfn, hex=True),
-        Fact(table, "memory", memory, f"{_human_size(memory)} (valid pages x page size)"),
+        Fact(table, "memory", memory, f"{human_size(memory)} (valid pages x page size)"),
     ]
     facts += _shared_info_facts(core)
     # Last: everything above may have added warnings to the core.
@@ -170,7 +128,7 @@ def _file_facts(core: XenDumpCore) -> list[Fact]:
     elf = core.elf.facts
     return [
         Fact(GROUP_FILE, "name", core.name),
-        Fact(GROUP_FILE, "size", core.file_size, _human_size(core.file_size)),
+        Fact(GROUP_FILE, "size", core.file_size, human_size(core.file_size)),
         Fact(GROUP_FILE, "elf_class", f"ELF{elf.elfclass}"),
         Fact(GROUP_FILE, "byte_order", elf.byteorder),
         Fact(GROUP_FILE, "abi_version", elf.e_abiversion),
@@ -276,7 +234,7 @@ def _section_facts(core: XenDumpCore) -> list[Fact]:
             GROUP_SECTIONS,
             printable(row.name) or f"[{row.index}]",
             f"offset {row.offset:#x}, size {row.size:#x}, entsize {row.entsize}",
-            _human_size(row.size),
+            human_size(row.size),
         )
         for row in section_rows(core)
     ]
@@ -313,165 +271,5 @@ def _shared_info_facts(core: XenDumpCore) -> list[Fact]:
         )
     facts.append(Fact(group, "p2m_generation", info.p2m_generation))
     seconds = info.wallclock_seconds
-    facts.append(Fact(group, "wallclock_sec", seconds, _utc(seconds)))
+    facts.append(Fact(group, "wallclock_sec", seconds, utc_text(seconds)))
     return facts
-
-
-def _utc(seconds: int | None) -> str:
-    if seconds is None:
-        return ""
-    try:
-        moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
-    except (OverflowError, OSError, ValueError):
-        return "out of range"
-    return f"{moment:%Y-%m-%d %H:%M:%S} UTC at guest system time 0"
-
-
-def _human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"  # unreachable
-
-
-# -- xen.vcpus -------------------------------------------------------------------------------
-
-KIND_INT, KIND_HEX, KIND_BOOL, KIND_STR = "int", "hex", "bool", "str"
-
-
-@dataclass(frozen=True)
-class Column:
-    """A column of ``vcpu_table``: its title and how its values should be shown."""
-
-    name: str
-    kind: str  # KIND_INT, KIND_HEX, KIND_BOOL or KIND_STR
-
-
-@dataclass(frozen=True)
-class VcpuTable:
-    """One row per stored ``.xen_prstatus`` slot; the columns depend on the layout.
-
-    ``FileSlot`` k is the k-th context stored in the file, not necessarily vCPU id k:
-    Xen stores only initialised vCPUs, packed without gaps.
-    """
-
-    layout: str | None
-    columns: tuple[Column, ...]
-    rows: tuple[tuple[Cell, ...], ...]
-
-    def as_dicts(self) -> list[dict[str, Cell]]:
-        names = [column.name for column in self.columns]
-        return [dict(zip(names, row)) for row in self.rows]
-
-
-COLUMN_SLOT = "FileSlot"
-COLUMN_DTB_MACHINE = "DTB(M)"
-COLUMN_DTB_PHYSICAL = "DTB(P)"
-
-# Registers shown without --all, in order (the first three are ip, sp and flags).
-_BASIC: dict[str, tuple[str, ...]] = {
-    LAYOUT_X86_64: tuple(
-        "rip rsp rflags cs ss ds es fs gs cr0 cr2 cr3 cr4 "
-        "fs_base gs_base_kernel gs_base_user".split()
-    ),
-    LAYOUT_X86_32: tuple("eip esp eflags cs ss ds es fs gs cr0 cr2 cr3 cr4".split()),
-    # "sp" is the stack pointer in effect (chosen by mode), not a stored field.
-    LAYOUT_ARM: tuple("pc64 sp cpsr sp_el0 sp_el1 elr_el1 sctlr ttbr0 ttbr1 ttbcr".split()),
-}
-_COUNT_REGISTERS = frozenset({"ldt_ents", "gdt_ents"})
-_TITLES = {"pc64": "PC", "flags": "VGCF_FLAGS"}
-_GDT_FRAMES = "GDT_FRAMES"
-
-
-def _title(register: str) -> str:
-    return _TITLES.get(register, register.upper())
-
-
-def _extra_registers(layout: str) -> list[str]:
-    """``--all``: every other decoded field, gdt_frame0..15 folded into one column."""
-    shown = set(_BASIC[layout])
-    extra: list[str] = []
-    for name in vcpu_mod.register_groups(layout)["all"]:
-        if name in shown:
-            continue
-        if name.startswith("gdt_frame"):
-            if _GDT_FRAMES not in extra:
-                extra.append(_GDT_FRAMES)
-            continue
-        extra.append(name)
-    return extra
-
-
-def vcpu_table(core: XenDumpCore, all_registers: bool = False) -> VcpuTable:
-    """The rows of ``xen.vcpus``.
-
-    Columns: ``FileSlot``, ``Online``, ``InKernel``, the layout's registers (``--all``: every
-    decoded field), then the decoded top-level page table:
-
-    - ``DTB(M)``: its machine address (PV only: 64-bit ``cr3 = mfn << 12``, 32-bit the
-      rotated compat encoding undone);
-    - ``DTB(P)``: its guest pseudo-physical address, what an OS layer wants as its page
-      map offset: HVM/PVH the CR3 base (PCID/flag bits masked), PV the machine address
-      translated through ``.xen_p2m`` (``NOT_FOUND`` if the guest does not own that
-      frame), ARM the kernel TTBR's base.
-    """
-    layout = vcpu_layout(core)
-    contexts = vcpus(core) if layout else ()
-    columns = [
-        Column(COLUMN_SLOT, KIND_INT),
-        Column("Online", KIND_BOOL),
-        Column("InKernel", KIND_BOOL),
-    ]
-    if layout is None:
-        return VcpuTable(None, tuple(columns), ())
-    registers = list(_BASIC[layout])
-    if all_registers:
-        registers += _extra_registers(layout)
-    for name in registers:
-        if name == _GDT_FRAMES:
-            kind = KIND_STR
-        elif name in _COUNT_REGISTERS:
-            kind = KIND_INT
-        else:
-            kind = KIND_HEX
-        columns.append(Column(_title(name), kind))
-    columns += [Column(COLUMN_DTB_MACHINE, KIND_HEX), Column(COLUMN_DTB_PHYSICAL, KIND_HEX)]
-    rows = tuple(_vcpu_row(core, context, registers) for context in contexts)
-    return VcpuTable(layout, tuple(columns), rows)
-
-
-def vcpu_rows(core: XenDumpCore, all_registers: bool = False) -> list[dict[str, Cell]]:
-    """``vcpu_table`` as one ``{column name: value}`` dict per stored slot."""
-    return vcpu_table(core, all_registers).as_dicts()
-
-
-def _vcpu_row(core: XenDumpCore, context: VcpuContext, registers: list[str]) -> tuple[Cell, ...]:
-    values = context.registers
-    row: list[Cell] = [context.slot, context.online, context.in_kernel]
-    for name in registers:
-        if name == "sp":
-            row.append(context.sp)
-        elif name == _GDT_FRAMES:
-            row.append(_gdt_frames(values))
-        else:
-            row.append(values[name])
-    row += _page_table_base(core, context)
-    return tuple(row)
-
-
-def _gdt_frames(registers: dict[str, int]) -> str:
-    """The GDT frame list up to its last nonzero entry, as hex mfns."""
-    frames = [registers[f"gdt_frame{i}"] for i in range(16)]
-    while frames and not frames[-1]:
-        frames.pop()
-    return " ".join(f"{frame:#x}" for frame in frames)
-
-
-def _page_table_base(core: XenDumpCore, context: VcpuContext) -> tuple[Cell, Cell]:
-    kind, address = context.decoded_page_table_base(core.is_pv)
-    if kind == vcpu_mod.ADDRESS_GUEST_PHYSICAL:
-        return Absent.NOT_APPLICABLE, address
-    pseudo = core.machine_to_physical(address)
-    return address, Absent.NOT_FOUND if pseudo is None else pseudo
