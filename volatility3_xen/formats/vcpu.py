@@ -474,3 +474,23 @@ def encode_vcpu(
     except struct.error as exc:
         raise ValueError(f"{layout} register value out of range: {exc}") from None
     return bytes(out)
+
+
+# --- layouts defined beside their own decoders ----------------------------------------------
+
+#: An HVM guest's ``struct hvm_hw_cpu`` save record (``hvmcontext`` defines its table,
+#: registers it here and decodes it into ``hvmcontext.HvmCpuContext``).
+LAYOUT_HVM_CPU = "hvm_cpu"
+
+
+def register_layout(layout: str, fields: list[Field], size: int, basic: list[str]) -> None:
+    """Make ``layout_fields``/``register_groups``/``decode_vcpu``/``encode_vcpu`` know a
+    layout whose table lives in another module (checked like the tables above)."""
+    _compile(tuple(fields), size, "<")  # raises if out of order, overlapping or too long
+    unknown = set(basic) - {field.name for field in fields}
+    if unknown:
+        raise AssertionError(f"basic registers not in the {layout} table: {sorted(unknown)}")
+    _LAYOUT_FIELDS[layout] = list(fields)
+    LAYOUT_SIZES[layout] = size
+    _BASIC_REGISTERS[layout] = list(basic)
+    _codec.cache_clear()
