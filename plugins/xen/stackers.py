@@ -15,4 +15,4 @@ except ImportError:  # running from a checkout: <repo>/plugins/xen/stackers.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import volatility3_xen  # noqa: F401
 
-from volatility3_xen.layers import magic, memory, pv, stackers, windows  # noqa: E402,F401  (registration)
+from volatility3_xen.layers import magic, memory, pv, saveimage, stackers, windows  # noqa: E402,F401  (registration)
