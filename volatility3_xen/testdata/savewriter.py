@@ -227,7 +227,8 @@ def _libxc_stream(out: _Out, spec: SaveSpec, layout: SaveLayout, libxl_order: st
     if pv:
         highest = max((int(np.max(b.pfns)) for b in spec.batches if len(b.pfns)), default=0)
         per_frame = (1 << spec.page_shift) // spec.guest_width
-        frames = highest // per_frame + 1
+        highest = min(highest, 0xFFFF_FFFF)  # p2m_end_pfn is a u32
+        frames = min(highest // per_frame + 1, 1 << 16, highest + 1)
         record(
             ss.REC_X86_PV_P2M_FRAMES,
             struct.pack(order + "II", 0, highest)
