@@ -1,10 +1,18 @@
-"""The vCPU registers stored in a Xen dump-core (``.xen_prstatus``), one row per slot.
+"""The vCPU registers stored in a Xen dump-core or save image, one row per context.
 
-``FileSlot`` k is the k-th context in the file, not necessarily vCPU id k: Xen stores
-only initialised vCPUs, packed.  ``DTB(M)``/``DTB(P)`` are the kernel's top-level page
-table as a machine address (PV only) and as a guest pseudo-physical address (what an OS
-layer needs): HVM/PVH the masked CR3, PV the CR3 machine frame translated through the
-core's p2m table, ARM the kernel TTBR base.
+Dump-cores (``.xen_prstatus``): ``FileSlot`` k is the k-th context in the file, not
+necessarily vCPU id k: Xen stores only initialised vCPUs, packed.  Save images: ``VCPU``
+is the vCPU id the record names; PV images hold the same ``vcpu_guest_context`` (same
+columns), HVM images a ``struct hvm_hw_cpu`` per online vCPU, which has more registers
+than a dump-core: EFER, every segment's base/limit/attributes (TR and LDTR too),
+GDTR/IDTR, SYSENTER_CS/ESP/EIP, STAR/LSTAR/CSTAR/SFMASK, the inactive GS base
+(``SHADOW_GS``), TSC_AUX, the guest TSC and the pending event.
+
+``DTB(M)``/``DTB(P)`` are the kernel's top-level page table as a machine address (PV
+dump-cores only) and as a guest pseudo-physical address (what an OS layer needs):
+HVM/PVH the masked CR3 (HVM save records: masked for the paging mode they state), PV
+dump-cores the CR3 machine frame translated through the core's p2m table, PV save images
+the CR3 as saved (the save code already made it a pfn), ARM the kernel TTBR base.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from volatility3.framework.renderers import format_hints
 from volatility3.plugins.xen import stackers  # noqa: F401
 
 from volatility3_xen import api, report
+from volatility3_xen.formats.errors import XenFormatError
+from volatility3_xen.formats.image import GuestMemoryImage
 from volatility3_xen.layers.magic import XenCoreRequirement
 
 vollog = logging.getLogger(__name__)
@@ -34,11 +44,15 @@ _COLUMN_TYPES: dict[str, type] = {
 
 
 class Vcpus(interfaces.plugins.PluginInterface):
-    """Lists the vCPU registers of a Xen dump-core and the decoded page-table base.
+    """Lists the vCPU registers of a Xen dump-core or save image and the decoded
+    page-table base.
 
-    Without --all: IP, SP, flags, segment selectors, control registers, fs/gs bases (x86)
-    or PC, SP, CPSR, SP_EL0/1, ELR_EL1, SCTLR, TTBR0/1, TTBCR (ARM).  FileSlot k is the
-    k-th stored context, not necessarily vCPU k (only initialised vCPUs are stored).
+    Without --all: IP, SP, flags, segment selectors, control registers, fs/gs bases (x86;
+    HVM save records add EFER and SHADOW_GS) or PC, SP, CPSR, SP_EL0/1, ELR_EL1, SCTLR,
+    TTBR0/1, TTBCR (ARM).  FileSlot k (dump-cores) is the k-th stored context, not
+    necessarily vCPU k; VCPU (save images) is the vCPU id.  --all adds general, debug and
+    segment-table registers, callbacks (PV) or segment bases/limits/attributes,
+    GDTR/IDTR, SYSENTER/SYSCALL MSRs, TSC and the pending event (HVM save records).
     """
 
     _required_framework_version = (2, 0, 0)
@@ -59,14 +73,22 @@ class Vcpus(interfaces.plugins.PluginInterface):
     def run(self) -> renderers.TreeGrid:
         layer = api.find_xen_layer(self.context, self.config["primary"])
         if layer is None:  # XenCoreRequirement guarantees one; a hand-made config may not
-            vollog.error(f"{self.config['primary']} is not a Xen dump-core layer")
+            vollog.error(f"{self.config['primary']} is not a Xen guest layer")
             table = report.VcpuTable(None, (report.Column(report.COLUMN_SLOT, "int"),), ())
         else:
-            table = report.vcpu_table(layer.core, all_registers=bool(self.config.get("all")))
-            if not table.rows:
-                vollog.warning(f"{layer.core.name}: the core holds no decodable vCPU context")
+            table = self._table(layer.image)
         columns = [(column.name, _COLUMN_TYPES[column.kind]) for column in table.columns]
         return renderers.TreeGrid(columns, self._generator(table))
+
+    def _table(self, image: GuestMemoryImage) -> report.VcpuTable:
+        try:
+            table = report.vcpu_table(image, all_registers=bool(self.config.get("all")))
+        except (XenFormatError, ValueError) as exc:
+            vollog.error(f"{image.name}: vCPU contexts cannot be decoded: {exc}")
+            return report.VcpuTable(None, (report.Column(report.COLUMN_SLOT, "int"),), ())
+        if not table.rows:
+            vollog.warning(f"{image.name}: the file holds no decodable vCPU context")
+        return table
 
     @staticmethod
     def _generator(table: report.VcpuTable) -> Iterator[tuple[int, tuple[Any, ...]]]:

@@ -1,16 +1,19 @@
 """``XenCoreRequirement`` and the automagic that satisfies it without stacking.
 
-Why: ``xen.*`` plugins need nothing but the Xen dump-core layer, yet no built-in stacker
+Why: ``xen.*`` plugins need nothing but the Xen layer of the file (a dump-core or a save
+image), yet no built-in stacker
 excludes the "xen" plugin category, so Volatility's ``LayerStacker`` would run every OS
 stacker (banner scans over the whole guest) before ``xen.info`` could print a header.
 
 ``XenCoreMagic`` runs at priority 5, after ``ConstructionMagic`` (0, which honours saved
 configurations) and before ``LayerStacker`` (10).  For each unsatisfied
-``XenCoreRequirement`` it opens the CLI's ``-f`` file directly as ``FileLayer`` +
-``XenDumpCoreLayer`` (``memory.open_core``) and points the requirement at it; LayerStacker
-then finds nothing left to do and returns at once.
+``XenCoreRequirement`` it opens the CLI's ``-f`` file directly as ``FileLayer`` + the Xen
+layer its format needs (``images.open_image``: ``XenSaveImageLayer`` for a save image,
+``XenDumpCoreLayer`` otherwise) and points the requirement at it; LayerStacker then finds
+nothing left to do and returns at once.
 
-If the file is not a usable dump-core the automagic logs one line saying why, leaves the
+If the file is not a usable Xen image the automagic logs one line saying why (``not a
+usable Xen dump-core: ...`` or ``not a usable Xen save image: ...``), leaves the
 requirement unsatisfied (Volatility then reports it in its usual way) and leaves
 LayerStacker no stacker to run: none can produce what a xen plugin needs.
 """
@@ -26,7 +29,8 @@ from volatility3.framework.automagic import stacker
 from volatility3.framework.configuration import requirements
 
 from ..formats.errors import XenFormatError
-from .memory import find_xen_layer, open_core
+from .images import DUMP_CORE, XenImageOpenError, open_image
+from .memory import find_xen_layer
 
 vollog = logging.getLogger(__name__)
 
@@ -37,16 +41,16 @@ _STACKER_PATH = interfaces.configuration.path_join(
 SINGLE_LOCATION_KEY = interfaces.configuration.path_join(_STACKER_PATH, "single_location")
 STACKERS_KEY = interfaces.configuration.path_join(_STACKER_PATH, "stackers")
 # A stacker name that matches no stacker class (see _narrow_layer_stacker).
-NO_STACKER = "none: not a usable Xen dump-core"
+NO_STACKER = "none: not a usable Xen image"
 
 
 class XenCoreRequirement(requirements.TranslationLayerRequirement):
-    """A translation layer that is, or sits on, a Xen dump-core layer."""
+    """A translation layer that is, or sits on, a Xen guest layer (dump-core, save image)."""
 
     def __init__(
         self,
         name: str = "primary",
-        description: str = "Memory layer of a Xen dump-core (xl dump-core)",
+        description: str = "Memory layer of a Xen dump-core or save image",
         default: interfaces.configuration.ConfigSimpleType = None,
         optional: bool = False,
     ) -> None:
@@ -61,13 +65,14 @@ class XenCoreRequirement(requirements.TranslationLayerRequirement):
         path = interfaces.configuration.path_join(config_path, self.name)
         value = self.config_value(context, path, None)
         if isinstance(value, str) and find_xen_layer(context, value) is None:
-            vollog.log(constants.LOGLEVEL_V, f"TypeError - {value} is not a Xen dump-core layer")
+            vollog.log(constants.LOGLEVEL_V, f"TypeError - {value} is not a Xen guest layer")
             return {path: self}
         return {}
 
 
 class XenCoreMagic(interfaces.automagic.AutomagicInterface):
-    """Opens the ``-f`` file as a Xen dump-core for unsatisfied ``XenCoreRequirement``s."""
+    """Opens the ``-f`` file as a Xen image (dump-core or save image) for unsatisfied
+    ``XenCoreRequirement``s."""
 
     priority = 5
 
@@ -85,7 +90,7 @@ class XenCoreMagic(interfaces.automagic.AutomagicInterface):
         if not location:
             return None  # no -f: LayerStacker says so in its usual way
         if progress_callback is not None:
-            progress_callback(0, "Opening the Xen dump-core")
+            progress_callback(0, "Opening the Xen image")
         layer_name = self._open(context, str(location))
         if layer_name is None:
             self._narrow_layer_stacker(context)
@@ -96,17 +101,20 @@ class XenCoreMagic(interfaces.automagic.AutomagicInterface):
 
     @staticmethod
     def _open(context: interfaces.context.ContextInterface, location: str) -> str | None:
-        """``api.open_core``; on failure log why, remove what it added, return None."""
+        """``images.open_image``; on failure log why, remove what it added, return None."""
         before = set(context.layers)
+        kind = DUMP_CORE
         try:
-            return open_core(context, location)
+            return open_image(context, location)
+        except XenImageOpenError as exc:
+            problem, kind = str(exc), exc.format_name
         except XenFormatError as exc:
             problem = str(exc)
         except (OSError, exceptions.LayerException) as exc:
             problem = f"cannot be read: {exc}"
         for name in set(context.layers) - before:
             context.layers.del_layer(name)
-        vollog.error(f"{_display_name(location)}: not a usable Xen dump-core: {problem}")
+        vollog.error(f"{_display_name(location)}: not a usable {kind}: {problem}")
         return None
 
     @staticmethod

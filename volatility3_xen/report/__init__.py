@@ -17,7 +17,8 @@ each source format registers the function that lists its facts (``register_facts
 
 - ``model``: Fact, Absent, Column, VcpuTable and the group/column names;
 - ``dumpcore``: the facts of an ``xl dump-core`` file;
-- ``vcputable``: the ``xen.vcpus`` table.
+- ``saveimage``: the facts of a saved domain (``xl save``, libxl/libxc streams, xenopsd);
+- ``vcputable``: the ``xen.vcpus`` table (any image).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Callable
 
 from ..formats.dumpcore import XenDumpCore
 from ..formats.image import GuestMemoryImage
+from ..formats.saveimage import XenSaveImage
 from .dumpcore import core_facts, decoded_shared_info, section_rows, vcpu_layout, vcpus
 from .model import (
     COLUMN_DTB_MACHINE,
@@ -52,7 +54,16 @@ from .model import (
     FactValue,
     VcpuTable,
 )
-from .vcputable import vcpu_rows, vcpu_table
+from .saveimage import (
+    GROUP_CONFIG,
+    GROUP_HVM,
+    GROUP_PAGES,
+    GROUP_RECORDS,
+    GROUP_WRAPPERS,
+    GROUP_XENOPS,
+    save_facts,
+)
+from .vcputable import COLUMN_VCPU, vcpu_rows, vcpu_table
 
 FactSource = Callable[[GuestMemoryImage], "list[Fact]"]
 _FACT_SOURCES: dict[type, FactSource] = {XenDumpCore: core_facts}
@@ -61,6 +72,9 @@ _FACT_SOURCES: dict[type, FactSource] = {XenDumpCore: core_facts}
 def register_facts(image_type: type, source: FactSource) -> None:
     """Make ``facts()`` use ``source`` for images of ``image_type`` (and subclasses)."""
     _FACT_SOURCES[image_type] = source
+
+
+register_facts(XenSaveImage, save_facts)
 
 
 def facts(image: GuestMemoryImage) -> list[Fact]:
@@ -76,15 +90,22 @@ __all__ = [
     "COLUMN_DTB_MACHINE",
     "COLUMN_DTB_PHYSICAL",
     "COLUMN_SLOT",
+    "COLUMN_VCPU",
+    "GROUP_CONFIG",
     "GROUP_FILE",
     "GROUP_FORMAT",
     "GROUP_GUEST",
+    "GROUP_HVM",
     "GROUP_NOTES",
+    "GROUP_PAGES",
+    "GROUP_RECORDS",
     "GROUP_SECTIONS",
     "GROUP_SHARED_INFO",
     "GROUP_TABLE",
     "GROUP_WARNINGS",
+    "GROUP_WRAPPERS",
     "GROUP_XEN",
+    "GROUP_XENOPS",
     "KIND_BOOL",
     "KIND_HEX",
     "KIND_INT",
@@ -100,6 +121,7 @@ __all__ = [
     "decoded_shared_info",
     "facts",
     "register_facts",
+    "save_facts",
     "section_rows",
     "vcpu_layout",
     "vcpu_rows",
