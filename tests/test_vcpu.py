@@ -104,7 +104,7 @@ def _arm_expected() -> dict[str, tuple[int, int]]:
         sp_el0=(296, 8),
         sp_el1=(304, 8),
         elr_el1=(312, 8),
-        sctlr=(320, 4),
+        sctlr=(320, 8),  # uint64_t (arch-arm.h, Xen >= 4.16)
         ttbcr=(328, 8),
         ttbr0=(336, 8),
         ttbr1=(344, 8),

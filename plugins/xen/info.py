@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from urllib.parse import unquote, urlparse
 
 from volatility3.framework import interfaces, renderers
 from volatility3.framework.renderers import format_hints
@@ -17,6 +18,7 @@ from volatility3.framework.renderers import format_hints
 from volatility3.plugins.xen import stackers  # noqa: F401
 
 from volatility3_xen import api, report
+from volatility3_xen.formats.errors import printable
 from volatility3_xen.layers.magic import XenCoreRequirement
 
 vollog = logging.getLogger(__name__)
@@ -29,6 +31,35 @@ def _number(fact: report.Fact) -> int | interfaces.renderers.BaseAbsentValue:
     return format_hints.Hex(fact.value) if fact.hex else fact.value
 
 
+def given_location(context: interfaces.context.ContextInterface, layer_name: str) -> str | None:
+    """Where the file under ``layer_name`` came from, as the user gave it (``-f``,
+    ``--single-location`` or a config): a ``file:`` URL as its path, any other URL as
+    written but with a password masked.  None when no layer below has a location."""
+    seen: set[str] = set()
+    pending = [layer_name]
+    while pending:
+        name = pending.pop(0)
+        if name in seen or name not in context.layers:
+            continue
+        seen.add(name)
+        layer = context.layers[name]
+        location = getattr(layer, "location", None)
+        if isinstance(location, str) and location:
+            return _shown_location(location)
+        pending.extend(layer.dependencies)
+    return None
+
+
+def _shown_location(location: str) -> str:
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return printable(unquote(parsed.path))
+    if parsed.password is not None:
+        host = parsed.netloc.rsplit("@", 1)[-1]
+        location = parsed._replace(netloc=f"{parsed.username}:***@{host}").geturl()
+    return printable(location)
+
+
 class Info(interfaces.plugins.PluginInterface):
     """Shows the facts of a Xen dump-core (xl dump-core): notes, sections, page table.
 
@@ -39,7 +70,7 @@ class Info(interfaces.plugins.PluginInterface):
     scripts as volatility3_xen.report.facts().
     """
 
-    _required_framework_version = (2, 0, 0)
+    _required_framework_version = (2, 26, 0)
     _version = (1, 0, 0)
 
     @classmethod
@@ -51,9 +82,14 @@ class Info(interfaces.plugins.PluginInterface):
         if layer is None:  # XenCoreRequirement guarantees one; a hand-made config may not
             vollog.error(f"{self.config['primary']} is not a Xen dump-core layer")
             return
+        location = given_location(self.context, layer.name)
         for fact in report.facts(layer.image):
             value = renderers.NotAvailableValue() if fact.value is None else fact.text
-            yield 0, (fact.group, fact.field, value, _number(fact), fact.hint)
+            hint = fact.hint
+            if (fact.group, fact.field) == (report.GROUP_FILE, "name") and location:
+                # The location the user gave, not the layer name a non-file URL leaves.
+                value, hint = location, "the location given"
+            yield 0, (fact.group, fact.field, value, _number(fact), hint)
 
     def run(self) -> renderers.TreeGrid:
         return renderers.TreeGrid(

@@ -55,7 +55,7 @@ class Vcpus(interfaces.plugins.PluginInterface):
     GDTR/IDTR, SYSENTER/SYSCALL MSRs, TSC and the pending event (HVM save records).
     """
 
-    _required_framework_version = (2, 0, 0)
+    _required_framework_version = (2, 26, 0)
     _version = (1, 0, 0)
 
     @classmethod

@@ -174,7 +174,13 @@ _X86_32_FIELDS: list[Field] = [
 ]
 
 # ARM vcpu_guest_context, 352 bytes (Xen >= 4.16, where cpsr/spsr_el1 became 64-bit; the
-# same layout serves arm32 and arm64 guests).  x0..x30 alias the AArch32 banked registers
+# same layout serves arm32 and arm64 guests).  Checked against xen/include/public/arch-arm.h
+# (struct vcpu_guest_core_regs, struct vcpu_guest_context): uint32_t flags, 4 bytes of
+# padding, user_regs at 8 (x0..x30 and pc64 are __DECL_REG unions of a uint64_t and its
+# AArch32 uint32_t name; cpsr uint64_t; spsr_el1 a union with the AArch32 uint32_t spsr_svc;
+# spsr_fiq/irq/und/abt uint32_t; sp_el0, sp_el1, elr_el1 uint64_t), then uint64_t sctlr,
+# ttbcr, ttbr0, ttbr1.  Xen on ARM is little-endian only, where the AArch32 names read as
+# the low half of their 64-bit slot.  x0..x30 alias the AArch32 banked registers
 # (x13 = sp_usr, x19 = sp_svc, ...), see _ARM32_BANKED_SP.
 _ARM_FIELDS: list[Field] = [
     Field("flags", 0, "I"),
@@ -189,7 +195,7 @@ _ARM_FIELDS: list[Field] = [
     Field("sp_el0", 296, "Q"),
     Field("sp_el1", 304, "Q"),
     Field("elr_el1", 312, "Q"),
-    Field("sctlr", 320, "I"),
+    Field("sctlr", 320, "Q"),  # uint64_t since 4.16, like ttbcr/ttbr0/ttbr1 after it
     Field("ttbcr", 328, "Q"),
     Field("ttbr0", 336, "Q"),
     Field("ttbr1", 344, "Q"),
@@ -279,12 +285,49 @@ _ARM32_BANKED_SP = {
 _ARM_CPSR_AARCH32 = 1 << 4  # PSTATE.nRW: the vCPU was executing in AArch32 state.
 _ARM32_TTBCR_EAE = 1 << 31  # TTBCR.EAE: LPAE (long-descriptor) translation.
 
-# x86 CR3 page-directory base: bits 51:12; the low 12 bits are PCID or PWT/PCD and bit 63
-# is the "no flush" hint of MOV to CR3.
-_X86_64_CR3_BASE_MASK = 0x000F_FFFF_FFFF_F000
-# 32-bit guest CR3: PAE bases are 32-byte aligned (bits 31:5); non-PAE bases are 4 KiB
-# aligned, so their bits 11:5 are zero anyway and this mask suits both.
-_X86_32_CR3_BASE_MASK = 0xFFFF_FFE0
+# x86 CR3 -> top-level table base (Intel SDM vol. 3A, 4.3-4.5, tables 4-3, 4-7, 4-12/13).
+_X86_CR4_PAE = 1 << 5
+_X86_CR4_LA57 = 1 << 12
+_X86_CR4_PCIDE = 1 << 17  # settable only in IA-32e mode (long mode)
+_X86_EFER_LMA = 1 << 10
+_X86_CR3_LONG_MASK = 0x000F_FFFF_FFFF_F000  # 4/5-level: bits 51:12
+_X86_CR3_PAE_MASK = 0xFFFF_FFE0  # PAE: bits 31:5, a 32-byte aligned PDPT
+_X86_CR3_32BIT_MASK = 0xFFFF_F000  # 32-bit paging: bits 31:12
+
+#: Paging modes named by :func:`x86_cr3_base`.
+PAGING_LONG = "long"  # 4-level (5-level with CR4.LA57)
+PAGING_PAE = "pae"
+PAGING_32BIT = "32-bit"
+
+
+def x86_cr3_base(cr3: int, cr4: int, efer: int | None = None) -> tuple[str, int]:
+    """(paging mode, top-level table address) of a guest CR3: the one rule every CR3
+    that becomes a DTB goes through.
+
+    * Long mode (4- or 5-level) - known from EFER.LMA when the source has EFER, else from
+      CR4.PCIDE (settable only in long mode) or a CR3 above 4 GiB (PAE's CR3 is 32 bits):
+      bits 51:12.  Dropped: the PCID (11:0) with CR4.PCIDE, else PWT (3), PCD (4) and the
+      ignored bits; bit 63 (no-flush, MOV-to-CR3 only) and 62:61 (LAM).
+    * PAE (CR4.PAE, not long mode): bits 31:5, the 32-byte aligned PDPT; bits 11:5 are
+      part of the address (32-bit Windows processes have PDPTs at 32-byte offsets
+      inside a page), only bits 4:0 (PWT, PCD, ignored) are dropped.
+    * 32-bit paging (CR4.PAE clear): bits 31:12; PWT/PCD and the ignored bits dropped.
+
+    Without EFER (a dump-core's ``vcpu_guest_context`` has none), a 64-bit guest without
+    PCID whose CR3 is below 4 GiB is read as PAE: the same address unless the guest set
+    CR3's ignored bits 11:5, which no known OS does.
+    """
+    if efer is not None:
+        long_mode = bool(efer & _X86_EFER_LMA)
+    else:
+        long_mode = bool(cr4 & _X86_CR4_PCIDE) or cr3 >> 32 != 0
+    if long_mode:
+        return PAGING_LONG, cr3 & _X86_CR3_LONG_MASK
+    if cr4 & _X86_CR4_PAE:
+        return PAGING_PAE, cr3 & _X86_CR3_PAE_MASK
+    return PAGING_32BIT, cr3 & _X86_CR3_32BIT_MASK
+
+
 # ARMv8 TTBRn_EL1: ASID in 63:48, BADDR in 47:1, CnP in bit 0 (with FEAT_LPA's 52-bit
 # output addresses, PA[51:48] sit in bits 5:2; not handled).  AArch32 LPAE TTBRs have
 # the same shape (ASID 55:48, BADDR 39:1), so one mask serves both.
@@ -399,7 +442,8 @@ class VcpuContext:
         * 64-bit PV: ``cr3 = mfn << 12`` of the kernel L4 (a machine address).
         * 32-bit PV: ``cr3`` is Xen's compat encoding, a 32-bit rotate
           ``mfn << 12 | mfn >> 20`` so that MFNs >= 2^20 fit; undone here.
-        * HVM/PVH: the raw guest CR3, masked to its base (drops PCID/PWT/PCD, bit 63).
+        * HVM/PVH: the raw guest CR3's table base by the paging mode CR4 implies
+          (:func:`x86_cr3_base`: PAE keeps bits 11:5; PCID, PWT/PCD, bit 63 dropped).
         * ARM (always translated): the kernel TTBR's base address (ASID/CnP dropped);
           AArch32 short-descriptor TTBRs are masked to bits 31:(14-N).
         """
@@ -408,9 +452,7 @@ class VcpuContext:
             return ADDRESS_GUEST_PHYSICAL, self._arm_table_base(raw)
         if is_pv:
             return ADDRESS_MACHINE, pv_cr3_to_machine_address(raw, self.layout)
-        if self.layout == LAYOUT_X86_32:
-            return ADDRESS_GUEST_PHYSICAL, raw & _X86_32_CR3_BASE_MASK
-        return ADDRESS_GUEST_PHYSICAL, raw & _X86_64_CR3_BASE_MASK
+        return ADDRESS_GUEST_PHYSICAL, x86_cr3_base(raw, self.registers["cr4"])[1]
 
     def _arm_table_base(self, ttbr: int) -> int:
         cpsr, ttbcr = self.registers["cpsr"], self.registers["ttbcr"]

@@ -19,7 +19,7 @@ import os
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, BinaryIO, Literal, Union
 
 import numpy as np
 
@@ -566,6 +566,14 @@ def _notes_blob(spec: CoreSpec) -> bytes:
 # --- writing --------------------------------------------------------------------------------------
 
 
+def open_output(path: str | os.PathLike[str]) -> BinaryIO:
+    """``open(path, "wb")`` that refuses to follow a symlink at ``path`` (``O_NOFOLLOW``):
+    a link planted where an output is written must not redirect it to another file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    return os.fdopen(os.open(path, flags, 0o666), "wb")
+
+
 def write_core(path: str | os.PathLike[str], spec: CoreSpec) -> CoreLayout:
     """Write ``spec`` to ``path`` (truncating it) and return the layout used.
 
@@ -594,7 +602,7 @@ def write_core(path: str | os.PathLike[str], spec: CoreSpec) -> CoreLayout:
             assert sec.offset == len(head), (name, sec.offset, len(head))
             head += blobs[name]
 
-    with open(path, "wb") as out:
+    with open_output(path) as out:
         out.write(head)
         if layout.has(SECTION_PAGES):
             pages_offset = layout.section(SECTION_PAGES).offset

@@ -41,13 +41,15 @@ import json
 import lzma
 import mmap
 import os
+import stat
 import struct
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
@@ -210,43 +212,90 @@ def cache_dir() -> Path:
 # --- cache ----------------------------------------------------------------------------------------
 
 
+# Directory entries others can create, rename or remove: group/other write without the
+# sticky bit (with it, as in /tmp, only an entry's owner may remove or rename it).
+_OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
+
+
 @contextmanager
 def _atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary name beside ``path``; rename it over ``path`` only on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Yield a fresh temporary file beside ``path``; rename it over ``path`` on success.
+
+    The temporary is made by ``mkstemp`` (``O_CREAT | O_EXCL``, an unpredictable name),
+    so nothing planted in the directory beforehand - a symlink at a guessable name - is
+    followed or overwritten; writers open it with ``O_NOFOLLOW`` (``open_output``).
+    ``os.replace`` replaces a symlink at ``path`` itself, never its target.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary = Path(name)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(handle, 0o666 & ~umask)  # what a plain open() would have given
+    finally:
+        os.close(handle)
     try:
         yield temporary
         os.replace(temporary, path)
     finally:
-        if temporary.exists():
+        if os.path.lexists(temporary):
             temporary.unlink()
+
+
+def _open_temporary(path: Path) -> BinaryIO:
+    """A temporary from :func:`_atomic_output`, opened for writing without following a
+    symlink swapped in for it."""
+    return writer.open_output(path)
 
 
 def _stamp_path(path: Path) -> Path:
     return path.with_name(path.name + ".stamp")
 
 
-def _is_fresh(path: Path, recipe: str) -> bool:
-    """``path`` exists, is the file its stamp describes, and was built from ``recipe``."""
+def _trusted(path: Path) -> bool:
+    """Is ``path`` a regular file of ours (not a symlink) that no other user can have
+    replaced: its directory belongs to us or root and is not open to others' writes
+    (unless sticky)?  Stamps and cached cores anywhere else are not believed."""
     try:
-        stamp = json.loads(_stamp_path(path).read_text())
-        stat = path.stat()
+        entry = os.lstat(path)
+        directory = os.stat(path.parent)
+    except OSError:
+        return False
+    me = os.geteuid()
+    shared = directory.st_mode & _OTHERS_WRITE and not directory.st_mode & stat.S_ISVTX
+    return (
+        stat.S_ISREG(entry.st_mode)
+        and entry.st_uid == me
+        and directory.st_uid in (me, 0)
+        and not shared
+    )
+
+
+def _is_fresh(path: Path, recipe: str) -> bool:
+    """``path`` exists, is the file its stamp describes, was built from ``recipe``, and
+    both are files only we could have written (see :func:`_trusted`)."""
+    stamp_path = _stamp_path(path)
+    if not (_trusted(path) and _trusted(stamp_path)):
+        return False
+    try:
+        stamp = json.loads(stamp_path.read_text())
+        info = os.lstat(path)
     except (OSError, ValueError):
         return False
     return (
         isinstance(stamp, dict)
         and stamp.get("recipe") == recipe
-        and stamp.get("size") == stat.st_size
-        and stamp.get("mtime_ns") == stat.st_mtime_ns
+        and stamp.get("size") == info.st_size
+        and stamp.get("mtime_ns") == info.st_mtime_ns
     )
 
 
 def _write_stamp(path: Path, recipe: str, **extra: Any) -> None:
-    stat = path.stat()
-    stamp = {"recipe": recipe, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **extra}
-    with _atomic_output(_stamp_path(path)) as temporary:
-        temporary.write_text(json.dumps(stamp, indent=1) + "\n")
+    info = os.lstat(path)
+    stamp = {"recipe": recipe, "size": info.st_size, "mtime_ns": info.st_mtime_ns, **extra}
+    with _atomic_output(_stamp_path(path)) as temporary, _open_temporary(temporary) as out:
+        out.write((json.dumps(stamp, indent=1) + "\n").encode())
 
 
 def ensure_raw_image(
