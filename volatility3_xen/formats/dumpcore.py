@@ -56,15 +56,19 @@ def file_region_mapper(path: str | os.PathLike[str]) -> RegionMapper:
     space stays bounded by the table, as memory would be with a read."""
 
     def map_region(offset: int, length: int) -> memoryview:
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
         with open(path, "rb") as handle:
-            # Raises ValueError when the region runs past the end of the file.
-            mapped = mmap.mmap(
-                handle.fileno(), length + offset - start, access=mmap.ACCESS_READ, offset=start
-            )
-        return memoryview(mapped)[offset - start :]
+            return mmap_file_region(handle.fileno(), offset, length)
 
     return map_region
+
+
+def mmap_file_region(fileno: int, offset: int, length: int) -> memoryview:
+    """``length`` bytes at ``offset`` of the open file ``fileno``, mapped read-only (the
+    mapping holds its own descriptor).  Raises ValueError when the region runs past the
+    end of the file, OSError when the file cannot be mapped."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapped = mmap.mmap(fileno, length + offset - start, access=mmap.ACCESS_READ, offset=start)
+    return memoryview(mapped)[offset - start :]
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,18 @@ The layer publishes no ``os``/``architecture`` metadata, so OS detection still r
 from __future__ import annotations
 
 import functools
+import io
 import logging
+import lzma
 import os
+import urllib.response
+import zlib
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -27,7 +33,8 @@ from volatility3.framework import exceptions, interfaces
 from volatility3.framework.configuration import requirements
 from volatility3.framework.layers import linear, physical
 
-from ..formats.dumpcore import XenDumpCore, file_region_mapper
+from ..formats.dumpcore import RegionMapper, XenDumpCore, mmap_file_region
+from ..formats.elfcore import Reader
 from ..formats.errors import XenFormatError, printable
 from ..formats.image import GuestMemoryImage, MachineFrameMap
 from ..formats.pagemap import PageMap, Runs, uint64_array
@@ -35,29 +42,170 @@ from .errors import XenCoreFormatException
 
 vollog = logging.getLogger(__name__)
 
-# Page maps of files already opened in this process, keyed by (path, size, mtime):
+FileIdentity = tuple[str, int, int, int, int, int, int]
+# Page maps of files already opened in this process, keyed by ``BaseFile.identity``:
 # Volatility builds the layer twice per run (stacker, then ConstructionMagic).
-# The inode and ctime are in the key too: a file rewritten in place with the same size
-# and a restored mtime (``cp -p``, tar) must not reuse the old map.
-FileIdentity = tuple[str, int, int, int, int]
 _PAGE_MAP_CACHE: dict[FileIdentity, PageMap] = {}
 _PAGE_MAP_CACHE_SIZE = 4
 # Reads up to this size go through the per-layer read cache; larger ones bypass it.
 _CACHED_READ_MAX = 1 << 16
 # (file, message) pairs already logged, so the second construction does not repeat them.
 _REPORTED: set[tuple[str, str]] = set()
+# What ``FileLayer`` reads when no decompressor sits between it and the file.
+_PLAIN_FILE_TYPES = (io.BufferedReader, io.BufferedRandom, io.FileIO)
+_FILE_LAYER_READ = physical.FileLayer.read
+#: What reading a base layer can raise besides our own errors: invalid addresses, and the
+#: decompressors' complaints about a damaged ``.gz``/``.bz2``/``.xz`` (OSError, EOFError,
+#: zlib.error, lzma.LZMAError).
+UNREADABLE = (exceptions.InvalidAddressException, OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
-def _file_identity(layer: interfaces.layers.DataLayerInterface) -> FileIdentity | None:
+@dataclass(frozen=True)
+class BaseFile:
+    """The bytes a Xen layer is built on, and how to read them.
+
+    Every ``XenGuestLayer`` source (and its stacker) gets these from ``base_file(layer)``
+    instead of looking at the file on disk: Volatility's ``FileLayer`` decompresses
+    ``.gz``/``.bz2``/``.xz`` transparently, so the disk file's bytes are not the layer's.
+    """
+
+    #: ``read(offset, length)``: the base layer's bytes, short at the end.
+    read: Reader
+    #: The base layer's size (decompressed size for compressed evidence).
+    size: int
+    #: What messages are about: the file's path, else the base layer's name.
+    source: str
+    #: The page-map cache key: the open file's (device, inode, size, mtime, ctime), the
+    #: decoding (``"file"`` or the decompressor) and the layer's size; None: do not cache.
+    identity: FileIdentity | None
+    #: ``map_region(offset, length)`` over the open file when the layer's bytes are the
+    #: file's own bytes (a plain local file), else None: read through the layer.
+    map_region: RegionMapper | None
+
+    @property
+    def own_bytes(self) -> bool:
+        """Does the base layer give the file's own bytes (no decompressor in between)?"""
+        return self.map_region is not None
+
+
+def _location_path(layer: interfaces.layers.DataLayerInterface) -> str | None:
     location = getattr(layer, "location", None)
-    if not isinstance(location, str) or not location.startswith("file:"):
+    if isinstance(location, str) and location.startswith("file:"):
+        return unquote(urlparse(location).path)
+    return None
+
+
+def _open_stream(layer: interfaces.layers.DataLayerInterface) -> Any | None:
+    """The file object a stock ``FileLayer`` reads from (its private ``_file``), or None
+    for any other layer."""
+    if not isinstance(layer, physical.FileLayer) or type(layer).read is not _FILE_LAYER_READ:
         return None
-    path = unquote(urlparse(location).path)
     try:
-        stat = os.stat(path)
-    except OSError:
+        return layer._file
+    except Exception:  # noqa: BLE001 - whatever the accessor raises: no fast path
         return None
-    return path, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns
+
+
+def base_file(layer: interfaces.layers.DataLayerInterface) -> BaseFile:
+    """What the layer below a Xen layer holds: the helper every Xen stacker and layer uses.
+
+    The ``mmap`` fast path (``map_region``) is offered only when ``layer`` is a stock
+    ``FileLayer`` reading a regular file directly: same size as the layer, no decompressor
+    or other layer in between.  It maps the descriptor Volatility already holds (checked
+    again at each use), never the path, so a file replaced on disk after Volatility opened
+    it cannot mix old and new bytes.
+    """
+    read, size = _base_reader(layer)
+    path = _location_path(layer)
+    source = path if path is not None else layer.name
+    stream = _open_stream(layer)
+    if stream is None:
+        return BaseFile(read, size, source, None, None)
+    # urllib wraps a local file in an ``addinfourl`` whose ``fp`` is the file itself; the
+    # decompressors wrap it instead (their ``fileno()`` is the compressed file's).
+    inner = stream.fp if isinstance(stream, urllib.response.addbase) else stream
+    try:
+        fileno = stream.fileno()
+        stat = os.fstat(fileno)
+    except (OSError, ValueError, AttributeError):
+        return BaseFile(read, size, source, None, None)
+    if not S_ISREG(stat.st_mode):
+        return BaseFile(read, size, source, None, None)
+    plain = isinstance(inner, _PLAIN_FILE_TYPES) and stat.st_size == size
+    decoding = "file" if plain else type(inner).__name__
+    identity = (
+        decoding,
+        stat.st_dev,
+        stat.st_ino,
+        stat.st_size,
+        stat.st_mtime_ns,
+        stat.st_ctime_ns,
+        size,
+    )
+    if plain:
+        mapper = _descriptor_mapper(fileno, stat.st_dev, stat.st_ino)
+        return BaseFile(read, size, source, identity, mapper)
+    return BaseFile(_windowed_reader(read, size, identity), size, source, identity, None)
+
+
+# Reads from decompressed streams already made, by file identity (see _windowed_reader).
+_WINDOWS: dict[FileIdentity, list[tuple[int, bytes]]] = {}
+_WINDOWS_FILES = 2
+_WINDOW_COUNT = 8
+#: Bytes kept in front of a far-forward read of a decompressed stream.
+READ_BEHIND = 8 << 20
+
+
+def _windowed_reader(read: Reader, size: int, identity: FileIdentity) -> Reader:
+    """``read`` for a base layer that decompresses: remembers what it read.
+
+    A decompressor only seeks forward cheaply: every backward seek starts again from the
+    beginning of the file.  A dump-core's reader jumps between the headers at the start
+    and the string table and page table at the end, so each such jump would cost a pass
+    over the whole file.  This reader keeps its last few reads (shared by every layer on
+    the same file, so Volatility's second construction reads nothing again), and a
+    far-forward read also keeps up to ``READ_BEHIND`` bytes before it, which the
+    decompressor produced anyway: the page table, stored just before the string table,
+    is then read from memory.  Memory stays bounded by ``_WINDOW_COUNT`` windows.
+    """
+    windows = _WINDOWS.pop(identity, [])
+    if len(_WINDOWS) >= _WINDOWS_FILES:
+        _WINDOWS.pop(next(iter(_WINDOWS)))
+    _WINDOWS[identity] = windows
+    position = 0
+
+    def windowed(offset: int, length: int) -> bytes:
+        nonlocal position
+        length = min(length, size - offset)
+        if offset < 0 or length <= 0:
+            return b""
+        end = offset + length
+        for start, data in windows:
+            if start <= offset and end <= start + len(data):
+                return data[offset - start : end - start]
+        start = max(position, offset - READ_BEHIND) if offset > position else offset
+        data = read(start, end - start)
+        position = start + len(data)
+        if len(windows) >= _WINDOW_COUNT:
+            windows.pop(0)
+        if len(data) <= READ_BEHIND + (1 << 20):
+            windows.append((start, data))
+        return data[offset - start :]
+
+    return windowed
+
+
+def _descriptor_mapper(fileno: int, device: int, inode: int) -> RegionMapper:
+    """Maps regions of the file open as ``fileno``, refusing (OSError, so the caller reads
+    instead) if that descriptor no longer names the same file."""
+
+    def map_region(offset: int, length: int) -> memoryview:
+        stat = os.fstat(fileno)
+        if (stat.st_dev, stat.st_ino) != (device, inode):
+            raise OSError(f"descriptor {fileno} no longer names the file that was opened")
+        return mmap_file_region(fileno, offset, length)
+
+    return map_region
 
 
 def _base_reader(base: interfaces.layers.DataLayerInterface):
@@ -276,19 +424,22 @@ class XenDumpCoreLayer(XenGuestLayer):
         super().__init__(context=context, config_path=config_path, name=name, metadata=metadata)
         self._base_layer = self.config["base_layer"]
         self._target_layer = self._base_layer
-        base = context.layers[self._base_layer]
-        read, size = _base_reader(base)
-        identity = _file_identity(base)
-        self._source = identity[0] if identity else self._base_layer
-        mapper = file_region_mapper(identity[0]) if identity else None
+        try:
+            base = base_file(context.layers[self._base_layer])
+        except UNREADABLE as exc:
+            raise XenCoreFormatException(name, f"{self._base_layer} cannot be read: {exc}") from exc
+        identity = base.identity
+        self._source = base.source
         cached = _PAGE_MAP_CACHE.get(identity) if identity else None
         try:
-            core = XenDumpCore(read, size, name=self._source, map_region=mapper)
+            core = XenDumpCore(base.read, base.size, name=self._source, map_region=base.map_region)
             if cached is not None:
                 core.adopt_page_map(cached)
             page_map = core.page_map
         except XenFormatError as exc:
             raise XenCoreFormatException.from_format_error(name, exc) from exc
+        except UNREADABLE as exc:
+            raise XenCoreFormatException(name, f"{self._source} cannot be read: {exc}") from exc
         if identity and cached is None:
             if len(_PAGE_MAP_CACHE) >= _PAGE_MAP_CACHE_SIZE:
                 _PAGE_MAP_CACHE.pop(next(iter(_PAGE_MAP_CACHE)))
@@ -304,6 +455,61 @@ class XenDumpCoreLayer(XenGuestLayer):
     @property
     def page_map(self) -> PageMap:
         return self._core.page_map
+
+
+class XenRefusedLayer(_RunMappedLayer):
+    """Stands on a layer we recognise (a Xen file, a PV guest's Xen layer) but cannot use,
+    so that no later stacker claims it.
+
+    Volatility's stackers try the top of the stack only, so once this layer is there its
+    own ELF and Xen stackers (which misread Xen cores) and its Linux stackers (a stock Intel
+    walk reads a PV guest's machine frames as pfns) get a layer that maps nothing, and
+    plugins fail as unsatisfied after our one-line reason.  It publishes no architecture,
+    so no kernel requirement accepts it; rebuilt from a configuration (a requirement that
+    takes any layer chose it) it raises the reason instead of giving an empty view.
+    """
+
+    _version = (1, 0, 0)
+    _required_framework_version = (2, 26, 0)
+
+    def __init__(
+        self,
+        context: interfaces.context.ContextInterface,
+        config_path: str,
+        name: str,
+        metadata: dict[str, Any] | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(context=context, config_path=config_path, name=name, metadata=metadata)
+        self._target_layer = self.config["base_layer"]
+        self.reason = reason or self.config.get("reason", None) or "refused"
+        if reason is None:
+            raise XenCoreFormatException(name, self.reason)
+        self._run_addr, self._run_target, self._run_size = array("Q"), array("Q"), array("Q")
+
+    @classmethod
+    def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
+        return [
+            requirements.TranslationLayerRequirement(name="base_layer", optional=False),
+            requirements.StringRequirement(name="reason", optional=True),
+        ]
+
+
+def refuse(
+    context: interfaces.context.ContextInterface, layer_name: str, source: str, reason: str
+) -> XenRefusedLayer:
+    """Say ``source: reason`` once at warning level (vol's default console level) and
+    return the layer a stacker returns to keep every other stacker off ``layer_name``.
+
+    For every Xen source: a stacker that recognises its file (or a PV guest's layer) but
+    cannot use it returns ``refuse(...)`` instead of None.
+    """
+    _report_once(source, reason)
+    message = printable(f"{source}: {reason}")
+    name = context.layers.free_layer_name("XenRefusedLayer")
+    context.config[interfaces.configuration.path_join(name, "base_layer")] = layer_name
+    context.config[interfaces.configuration.path_join(name, "reason")] = message
+    return XenRefusedLayer(context, name, name, reason=message)
 
 
 class XenMachineLayer(_RunMappedLayer):

@@ -34,7 +34,7 @@ from volatility3.framework.automagic import linux as linux_automagic
 from volatility3.framework.layers import intel
 
 from ..formats import vcpu as xen_vcpu
-from .memory import XenGuestLayer, find_xen_layer
+from .memory import XenGuestLayer, XenRefusedLayer, find_xen_layer, refuse
 
 vollog = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ class XenPVMixin(intel.Intel):
             raise exceptions.LayerException(
                 name, f"{self._base_layer} does not rest on a Xen layer with machine frames"
             )
+        if xen_layer.page_size != PAGE_SIZE:
+            # The p2m runs count the core's pages; the walk counts 4 KiB frames.
+            raise exceptions.LayerException(name, _page_size_problem(xen_layer.page_size))
         # The machine-to-pfn runs, bound once: the hot path is one bisect on them.
         runs = frames.m2p_runs
         self._m2p_mfn, self._m2p_pfn, self._m2p_count = runs.key, runs.value, runs.count
@@ -153,6 +156,13 @@ class XenPVMixin(intel.Intel):
                 break
             frames >>= 1
         return pfn << PAGE_SHIFT, frames << PAGE_SHIFT
+
+
+def _page_size_problem(page_size: int) -> str:
+    return (
+        f"Xen PV: the core's page size is {page_size} bytes, not {PAGE_SIZE}: machine frames "
+        f"in its page tables cannot be translated (x86 PV guests use 4 KiB pages)"
+    )
 
 
 class XenPVLinuxIntel32e(XenPVMixin, intel.LinuxIntel32e):
@@ -323,11 +333,40 @@ class XenPVLinuxIntelStacker(interfaces.automagic.StackerLayerInterface):
         layer_name: str,
         progress_callback: constants.ProgressCallback = None,
     ) -> interfaces.layers.DataLayerInterface | None:
+        """The PV layer, verified if possible; a ``XenRefusedLayer`` when a kernel was
+        found but cannot be walked here; None only when no Linux stacker finds a kernel
+        (so neither will Volatility's own, which run next on the same layer).
+
+        Never None after a Linux stacker built a layer: Volatility's stackers would then
+        stack that stock Intel layer, which reads machine frames as pfns and gives empty
+        or wrong results without a word.
+        """
         xen_layer = context.layers[layer_name]
         if not isinstance(xen_layer, XenGuestLayer) or xen_layer.machine_frames is None:
             return None
+        if xen_layer.page_size != PAGE_SIZE:
+            return refuse(
+                context, layer_name, xen_layer.source, _page_size_problem(xen_layer.page_size)
+            )
+        try:
+            return cls._stack(context, xen_layer, progress_callback)
+        except Exception as exc:  # noqa: BLE001 - never leave the layer to the stock stackers
+            vollog.log(constants.LOGLEVEL_VVV, f"Xen PV stacker on {layer_name}", exc_info=True)
+            reason = f"Xen PV: the kernel layer could not be built: {exc}"
+            return refuse(context, layer_name, xen_layer.source, reason)
+
+    @classmethod
+    def _stack(
+        cls,
+        context: interfaces.context.ContextInterface,
+        xen_layer: XenGuestLayer,
+        progress_callback: constants.ProgressCallback,
+    ) -> XenPVMixin | XenRefusedLayer | None:
+        layer_name = xen_layer.name
         roots = vcpu_page_table_roots(xen_layer)
         routes = (linux_automagic.LinuxIntelVMCOREINFOStacker, linux_automagic.LinuxIntelStacker)
+        unverified: tuple[XenPVMixin, str] | None = None
+        unsupported: list[str] = []
         for route in sorted(routes, key=lambda stacker: stacker.stack_order):
             tables_before = set(context.symbol_space)
             try:
@@ -340,6 +379,7 @@ class XenPVLinuxIntelStacker(interfaces.automagic.StackerLayerInterface):
             pv_class = _PV_CLASS_FOR.get(type(stock))
             if pv_class is None:
                 vollog.info(f"Xen PV: {route.__name__} built {type(stock).__name__}; unsupported")
+                unsupported.append(f"{route.__name__} found a {type(stock).__name__} kernel")
                 continue
             layer = pv_class(context, stock.config_path, stock.name, metadata={"os": "Linux"})
             probe = _kernel_probe(context, layer, set(context.symbol_space) - tables_before)
@@ -347,7 +387,37 @@ class XenPVLinuxIntelStacker(interfaces.automagic.StackerLayerInterface):
             if verified is not None:
                 vollog.debug(f"Xen PV: {type(verified).__name__} stacked via {route.__name__}")
                 return verified
+            if unverified is None:
+                unverified = layer, cls._unverified_reason(layer, probe, roots)
+        if unverified is not None:
+            layer, reason = unverified
+            vollog.warning(
+                f"Xen PV: {reason}; stacking {type(layer).__name__} unverified: results may be "
+                f"incomplete"
+            )
+            return layer
+        if unsupported:
+            reason = (
+                f"Xen PV: {'; '.join(unsupported)}, which the PV walk does not support "
+                f"(4-level x86_64 and 32-bit PAE only)"
+            )
+            return refuse(context, layer_name, xen_layer.source, reason)
         return None
+
+    @staticmethod
+    def _unverified_reason(
+        layer: XenPVMixin, probe: KernelProbe | None, roots: list[VcpuRoot]
+    ) -> str:
+        """What did not verify, in one line (``probe`` is never None here)."""
+        dtb = layer.config["page_map_offset"]
+        address = probe.address if probe is not None else 0
+        tried = ", ".join(
+            f"vCPU {root.slot}" for root in roots if root.physical_address is not None
+        )
+        return (
+            f"the kernel banner at {address:#x} does not read through the symbol DTB {dtb:#x}"
+            + (f" nor through the page table of {tried}" if tried else "")
+        )
 
     @classmethod
     def _verified(

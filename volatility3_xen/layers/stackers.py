@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import logging
 
-from volatility3.framework import constants, exceptions, interfaces
+from volatility3.framework import constants, interfaces
 
 from ..formats.dumpcore import Probe, probe_xen_core
 from ..formats.errors import XenFormatError
 from .memory import (
+    UNREADABLE,
     XenDumpCoreLayer,
     XenGuestLayer,
     XenMachineLayer,
-    _base_reader,
-    _file_identity,
+    XenRefusedLayer,
     _report_once,
+    base_file,
+    refuse,
 )
 
 vollog = logging.getLogger(__name__)
@@ -25,7 +27,9 @@ class XenDumpCoreStacker(interfaces.automagic.StackerLayerInterface):
     """Stacks ``XenDumpCoreLayer`` on a Xen dump-core file.
 
     Order 9: below Volatility's ``Elf64Stacker`` and ``XenCoreDumpStacker`` (10), which
-    would otherwise claim the file first and map it wrongly.
+    would otherwise claim the file first and map it wrongly.  A file the probe recognises
+    but that cannot be used gets a ``XenRefusedLayer`` (``memory.refuse``), so that those
+    stackers never see it either.
     """
 
     stack_order = 9
@@ -39,27 +43,29 @@ class XenDumpCoreStacker(interfaces.automagic.StackerLayerInterface):
         progress_callback: constants.ProgressCallback = None,
     ) -> interfaces.layers.DataLayerInterface | None:
         base = context.layers[layer_name]
-        if isinstance(base, (XenGuestLayer, XenMachineLayer)):
+        if isinstance(base, (XenGuestLayer, XenMachineLayer, XenRefusedLayer)):
             return None
         try:
-            read, size = _base_reader(base)
-            probe: Probe = probe_xen_core(read, size)
-        except exceptions.InvalidAddressException:
+            source = base_file(base)
+            probe: Probe = probe_xen_core(source.read, source.size)
+        except UNREADABLE as exc:
+            # A damaged compressed file fails in Volatility's FileLayer (its size is found
+            # by decompressing it all): every stacker fails alike, so say it once.
+            _report_once(layer_name, f"cannot be read: {exc}")
             return None
-        identity = _file_identity(base)
-        source = identity[0] if identity else layer_name
         if not probe.is_xen:
-            vollog.log(constants.LOGLEVEL_VVVV, f"{source}: not a Xen dump-core")
+            vollog.log(constants.LOGLEVEL_VVVV, f"{source.source}: not a Xen dump-core")
             return None
+        # From here on the file is ours: a refusal keeps Volatility's ELF and Xen stackers
+        # (order 10) from reading it wrongly after us.
         if probe.problem:
-            _report_once(source, f"Xen dump-core cannot be used: {probe.problem}")
-            return None
+            return refuse(
+                context, layer_name, source.source, f"Xen dump-core cannot be used: {probe.problem}"
+            )
         new_name = context.layers.free_layer_name("XenDumpCoreLayer")
         context.config[interfaces.configuration.path_join(new_name, "base_layer")] = layer_name
         try:
             return XenDumpCoreLayer(context, new_name, new_name)
         except XenFormatError as exc:
-            # Volatility hides stacker exceptions below -vvvvv; an analyst holding a
-            # damaged core must learn why it is read as raw bytes.
-            _report_once(source, f"Xen dump-core cannot be used: {exc}")
-            return None
+            reason = f"Xen dump-core cannot be used: {exc}"
+            return refuse(context, layer_name, source.source, reason)
