@@ -221,8 +221,10 @@ def _libxc_stream(out: _Out, spec: SaveSpec, layout: SaveLayout, libxl_order: st
     if pv:
         record(ss.REC_X86_PV_INFO, bytes([spec.guest_width, spec.pt_levels]) + b"\0" * 6)
     if spec.libxc_version >= 3:
-        record(0x11, struct.pack(order + "II", 0, 0))  # X86_CPUID_POLICY (empty leaves)
-        record(0x12, struct.pack(order + "II", 0, 0))  # X86_MSR_POLICY
+        # X86_CPUID_POLICY: xen_cpuid_leaf_t {leaf, subleaf, a, b, c, d}; X86_MSR_POLICY:
+        # xen_msr_entry_t {idx, flags, val}.  One each: leaf 0 and MSR_INTEL_PLATFORM_INFO.
+        record(0x11, struct.pack(order + "6I", 0, 0xFFFFFFFF, 0xD, 0, 0, 0))
+        record(0x12, struct.pack(order + "IIQ", 0xCE, 0, 0))
         record(0x10)  # STATIC_DATA_END
     if pv:
         highest = max((int(np.max(b.pfns)) for b in spec.batches if len(b.pfns)), default=0)
