@@ -69,15 +69,32 @@ def pv_tables(guest_bytes: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(pages, dtype=np.uint64), mfns + np.uint64(HIGH_RAM_START_PFN)
 
 
-def synthetic_core(cache: Path, kind: str, gib: int) -> BenchCore:
+def fragmented_pv_tables(guest_bytes: int, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """A PV guest's contiguous pfns and machine frames shuffled page by page (a long-lived
+    or migrated guest: no two neighbouring pfns in neighbouring frames)."""
+    pages = guest_bytes // PAGE
+    mfns = np.random.default_rng(seed).permutation(pages).astype(np.uint64)
+    return np.arange(pages, dtype=np.uint64), mfns + np.uint64(HIGH_RAM_START_PFN)
+
+
+# Table variants beside libxc's own layout: the issue's two worst cases.
+RANDOM = "random"  # HVM: the pfn table in random order (damaged or hostile)
+FRAGMENTED = "frag4k"  # PV: machine frames fragmented at 4 KiB
+VARIANT_LABELS = {RANDOM: "random table", FRAGMENTED: "frames fragmented at 4 KiB"}
+
+
+def synthetic_core(cache: Path, kind: str, gib: int, variant: str = "") -> BenchCore:
     """The cached sparse core of a ``gib`` GiB ``kind`` guest, written if missing."""
     guest_bytes = gib * GIB
     if kind == "hvm":
         pfns = hvm_pfns(guest_bytes)
+        if variant == RANDOM:
+            pfns = np.random.default_rng(3).permutation(pfns)
         table = np.concatenate([pfns, np.full(HVM_TAIL_PADDING, writer.INVALID_PFN, np.uint64)])
         gmfns = None
     else:
-        pfns, gmfns = pv_tables(guest_bytes)
+        tables = fragmented_pv_tables if variant == FRAGMENTED else pv_tables
+        pfns, gmfns = tables(guest_bytes)
         table = pfns
     indices = np.linspace(0, len(pfns) - 1, MARKER_PAGES).astype(np.int64)
     markers = tuple(int(pfns[i]) for i in indices)
@@ -88,10 +105,12 @@ def synthetic_core(cache: Path, kind: str, gib: int) -> BenchCore:
         pages={int(i): marker_page(int(pfns[i])) for i in indices},
         vcpus=[writer.vcpu_context_x86_64(cr3=0x1000)],
     )
-    path = cache / f"{kind}-{gib}g-v{CORE_VERSION}.core"
+    name = f"{kind}-{gib}g" + (f"-{variant}" if variant else "")
+    path = cache / f"{name}-v{CORE_VERSION}.core"
     if not _cached(path, writer.plan_layout(spec).file_size):
         _write_atomically(path, lambda tmp: writer.write_core(tmp, spec))
-    return BenchCore(f"{kind.upper()} {gib} GiB", kind, len(pfns) * PAGE, path, markers)
+    label = f"{kind.upper()} {gib} GiB" + (f", {VARIANT_LABELS[variant]}" if variant else "")
+    return BenchCore(label, kind, len(pfns) * PAGE, path, markers)
 
 
 def real_guest_core(cache: Path, shared: Path) -> BenchCore | None:

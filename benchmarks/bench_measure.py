@@ -7,7 +7,7 @@ process gives a clean RSS high-water mark), ``vol linux.pslist`` runs and ``vol 
 ``xen.vcpus`` runs beside vol's start-up.
 
 Run as a script, this module is the fresh-process worker:
-``python bench_measure.py memory|open CORE``.
+``python bench_measure.py memory|open CORE`` or ``fragmented CORE PFNS LIMIT``.
 """
 
 from __future__ import annotations
@@ -266,10 +266,10 @@ def open_kdumpfile(path: Path, address: int, expected: bytes, reps: int) -> Resu
     return _last_json(done)
 
 
-def _in_fresh_process(mode: str, path: Path) -> Result:
+def _in_fresh_process(mode: str, path: Path, *extra: str) -> Result:
     """Run this module's ``mode`` worker on ``path`` in a new interpreter."""
     done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), mode, str(path)],
+        [sys.executable, str(Path(__file__).resolve()), mode, str(path), *extra],
         capture_output=True,
         text=True,
         timeout=600,
@@ -350,6 +350,71 @@ def _memory_worker(path: Path) -> Result:
     tracemalloc.stop()
     result["tracemalloc_peak_bytes"] = peak - before
     result["tracemalloc_held_bytes"] = current - before
+    return result
+
+
+def fragmented(path: Path, markers: tuple[int, ...], address_limit: int = 0) -> Result:
+    """Page map and layer costs on an unsorted or fragmented table, in a fresh process
+    (``_fragmented_worker``), under ``RLIMIT_AS = address_limit`` bytes when non-zero."""
+    return _in_fresh_process("fragmented", path, ",".join(map(str, markers)), str(address_limit))
+
+
+def _fragmented_worker(path: Path, markers: list[int], address_limit: int) -> Result:
+    """1. The page map alone (``formats``: ``XenDumpCore.page_map``, and for PV
+    ``m2p_runs``): seconds and tracemalloc peak (numpy's allocations included).
+    2. The whole open as vol does it (``XenDumpCoreLayer``, and for PV the
+    ``XenMachineLayer`` that builds the machine-to-pfn runs): seconds and peak RSS delta.
+    Every marker page is read back through the layers before anything is reported."""
+    import resource
+
+    from bench_cores import PAGE as BENCH_PAGE
+    from bench_cores import marker_page
+
+    from volatility3_xen.formats.dumpcore import XenDumpCore
+
+    if address_limit:
+        resource.setrlimit(resource.RLIMIT_AS, (address_limit, address_limit))
+    result: Result = {"address_limit": address_limit}
+    core = XenDumpCore.open(path)
+    tracemalloc.start()
+    start = time.perf_counter()
+    page_map = core.page_map
+    result["pagemap_s"] = time.perf_counter() - start
+    if core.is_pv:
+        start = time.perf_counter()
+        m2p = page_map.m2p_runs
+        result["m2p_s"] = time.perf_counter() - start
+        result["m2p_runs"] = len(m2p)
+    result["pagemap_tracemalloc_peak_bytes"] = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    result["table_bytes"] = core.table.size
+    result["maps_bytes"] = page_map.nbytes()
+    result["pfn_runs"] = len(page_map.pfn_runs)
+    result["warnings"] = list(page_map.warnings)
+    del core, page_map
+    clear_layer_caches()
+    gc.collect()
+    rss_before = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    seconds, layer, _ = construct(path)
+    result["open_s"] = seconds
+    for pfn in markers:
+        if layer.read(pfn * BENCH_PAGE, BENCH_PAGE) != marker_page(pfn):
+            raise AssertionError(f"{path}: wrong bytes at pfn {pfn:#x}")
+    if layer.is_pv:
+        layer.context.add_layer(layer)
+        start = time.perf_counter()
+        machine = layer.context.layers[xen_layer.add_machine_layer(layer.context, layer.name)]
+        result["machine_layer_s"] = time.perf_counter() - start
+        for pfn in markers:
+            mfn = layer.pfn_to_mfn(pfn)
+            if mfn is None or machine.read(mfn * BENCH_PAGE, BENCH_PAGE) != marker_page(pfn):
+                raise AssertionError(f"{path}: machine frame of pfn {pfn:#x} reads wrong")
+    result["layer_peak_rss_delta_bytes"] = (
+        (_status_kib("VmHWM") - rss_before) * 1024 if reset else None
+    )
+    result["vm_peak_bytes"] = _status_kib("VmPeak") * 1024
+    result["checked_pages"] = len(markers)
     return result
 
 
@@ -472,5 +537,13 @@ if __name__ == "__main__":
         print(json.dumps(_memory_worker(Path(sys.argv[2]))))
     elif len(sys.argv) == 3 and sys.argv[1] == "open":
         print(json.dumps({"seconds": construct(Path(sys.argv[2]))[0]}))
+    elif len(sys.argv) == 5 and sys.argv[1] == "fragmented":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        marker_pfns = [int(pfn) for pfn in sys.argv[3].split(",") if pfn]
+        try:
+            found = _fragmented_worker(Path(sys.argv[2]), marker_pfns, int(sys.argv[4]))
+        except MemoryError:
+            found = {"error": f"MemoryError under RLIMIT_AS={sys.argv[4]}"}
+        print(json.dumps(found))
     else:
-        sys.exit("usage: bench_measure.py memory|open CORE")
+        sys.exit("usage: bench_measure.py memory|open CORE | fragmented CORE PFNS LIMIT")

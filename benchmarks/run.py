@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""Benchmark suite: open time, read speed, memory, ``vol linux.pslist`` and the companion
-plugins (``vol xen.info``, ``xen.vcpus``) on Xen dump-cores.
+"""Benchmark suite: open time, read speed, memory, ``vol linux.pslist``, the companion
+plugins (``vol xen.info``, ``xen.vcpus``) and the worst tables (a random 64 GiB HVM table,
+a 16 GiB PV guest with machine frames fragmented at 4 KiB, also under a 1.5 GB
+``RLIMIT_AS``) on Xen dump-cores.
 
     python benchmarks/run.py              # full run (~2-3 min on 2 cores)
     python benchmarks/run.py --quick      # fewer repetitions, built-in layer on 1 GiB only (~1 min)
@@ -21,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -83,6 +86,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "pslist_rounds": 3,
         "companion_rounds": 3,
         "companion_gib": COMPANION_GIB,
+        "fragmented_reps": 1 if quick else 3,
     }
 
 
@@ -243,6 +247,47 @@ def measure_reads(
     return rows
 
 
+# The issue's two worst tables: (kind, GiB, variant).
+FRAGMENTED_CORES = [("hvm", 64, bench_cores.RANDOM), ("pv", 16, bench_cores.FRAGMENTED)]
+ADDRESS_LIMIT = 1_500_000_000  # RLIMIT_AS for the constrained run (1.5 GB)
+
+
+def measure_fragmented(cache: Path, conf: dict[str, Any]) -> list[Run]:
+    """The page map and the whole open on a random 64 GiB HVM table and a 16 GiB PV guest
+    whose machine frames are fragmented at 4 KiB: medians of fresh processes, then one run
+    under ``RLIMIT_AS`` = 1.5 GB."""
+    rows: list[Run] = []
+    for kind, gib, variant in FRAGMENTED_CORES:
+        core = bench_cores.synthetic_core(cache, kind, gib, variant)
+        log(f"fragmented: {core.label}")
+        runs = [
+            measure.fragmented(core.path, core.marker_pfns) for _ in range(conf["fragmented_reps"])
+        ]
+        errors = [r["error"] for r in runs if "error" in r]
+        row: Run = {"label": core.label, "kind": kind, "guest_bytes": core.guest_bytes}
+        if errors:
+            row["error"] = errors[0]
+        else:
+            row["runs"] = runs
+            for key in ("pagemap_s", "m2p_s", "open_s", "machine_layer_s"):
+                if key in runs[0]:
+                    row[key] = statistics.median(r[key] for r in runs)
+            for key in (
+                "table_bytes",
+                "maps_bytes",
+                "pfn_runs",
+                "m2p_runs",
+                "pagemap_tracemalloc_peak_bytes",
+                "layer_peak_rss_delta_bytes",
+                "vm_peak_bytes",
+            ):
+                if key in runs[0]:
+                    row[key] = max(r[key] for r in runs if r.get(key) is not None)
+        row["limited"] = measure.fragmented(core.path, core.marker_pfns, ADDRESS_LIMIT)
+        rows.append(row)
+    return rows
+
+
 def measure_companions(
     cores: list[bench_cores.BenchCore], conf: dict[str, Any], cache: Path, notes: list[str]
 ) -> Run | None:
@@ -288,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         symbols = args.shared / "guests" / "symbols"
         pslist = measure.pslist(real.path, real.raw_image, symbols, conf["pslist_rounds"])
     companions = measure_companions(cores, conf, cache, notes)
+    fragmented = measure_fragmented(cache, conf)
     run: Run = {
         "command": "python benchmarks/run.py"
         + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
@@ -300,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         "reads": reads,
         "pslist": pslist,
         "companions": companions,
+        "fragmented": fragmented,
         "notes": notes,
         "wall_s": time.perf_counter() - started,
     }
