@@ -24,7 +24,7 @@ def quick_start_commands() -> list[str]:
 def test_quick_start_has_exactly_two_commands() -> None:
     commands = quick_start_commands()
     assert len(commands) == 2, commands
-    assert "samples pv" in commands[0] and "linux.pslist" in commands[0]
+    assert "samples realxen-save" in commands[0] and "linux.pslist" in commands[0]
     assert "pytest" in commands[1]
 
 

@@ -149,12 +149,7 @@ vcpu_mod.register_layout(LAYOUT_HVM_CPU, HVM_CPU_FIELDS, CPU_RECORD_SIZE, HVM_CP
 
 _CR0_PE = 1 << 0
 _CR0_PG = 1 << 31
-_CR4_PAE = 1 << 5
-_EFER_LMA = 1 << 10
 _RFLAGS_VM = 1 << 17
-_CR3_LONG_MASK = 0x000F_FFFF_FFFF_F000  # bits 51:12 (drops PCID, PWT/PCD, bit 63)
-_CR3_PAE_MASK = 0xFFFF_FFE0  # 32-byte aligned PDPT
-_CR3_32_MASK = 0xFFFF_F000
 
 
 @dataclass(frozen=True)
@@ -194,20 +189,21 @@ class HvmCpuContext(VcpuContext):
 
     @property
     def paging_mode(self) -> str:
-        """``none``, ``32-bit``, ``pae`` or ``long`` (from CR0.PG, EFER.LMA, CR4.PAE)."""
-        registers = self.registers
-        if not registers["cr0"] & _CR0_PG:
+        """``none`` (CR0.PG clear), else ``vcpu.x86_cr3_base``'s mode from CR4 and EFER:
+        ``long``, ``pae`` or ``32-bit``."""
+        if not self.registers["cr0"] & _CR0_PG:
             return "none"
-        if registers["efer"] & _EFER_LMA:
-            return "long"
-        return "pae" if registers["cr4"] & _CR4_PAE else "32-bit"
+        return self._cr3_base()[0]
+
+    def _cr3_base(self) -> tuple[str, int]:
+        registers = self.registers
+        return vcpu_mod.x86_cr3_base(registers["cr3"], registers["cr4"], registers["efer"])
 
     def decoded_page_table_base(self, is_pv: bool = False) -> tuple[str, int]:
-        """(ADDRESS_GUEST_PHYSICAL, CR3 base), masked by the paging mode the record states
-        (long: bits 51:12; PAE: 31:5; 32-bit: 31:12); with paging off, the long-mode mask."""
-        mode = self.paging_mode
-        mask = {"pae": _CR3_PAE_MASK, "32-bit": _CR3_32_MASK}.get(mode, _CR3_LONG_MASK)
-        return vcpu_mod.ADDRESS_GUEST_PHYSICAL, self.registers["cr3"] & mask
+        """(ADDRESS_GUEST_PHYSICAL, CR3 base) by ``vcpu.x86_cr3_base`` with the record's
+        EFER, so the paging mode is known rather than guessed (long: bits 51:12; PAE:
+        31:5; 32-bit: 31:12)."""
+        return vcpu_mod.ADDRESS_GUEST_PHYSICAL, self._cr3_base()[1]
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,9 @@
     python -m volatility3_xen samples all      # both (PV first, then HVM), one path a line
     python -m volatility3_xen samples raw      # the decompressed, verified raw image
     python -m volatility3_xen samples tiny     # two tiny synthetic cores (PV, HVM) for demos
+    python -m volatility3_xen samples save-pv  # an xl save image of the guest (save-hvm too)
+    python -m volatility3_xen samples realxen-save   # the real ``xl save`` file, unpacked once
+    python -m volatility3_xen samples realxen-core   # the real ``xl dump-core`` file
     python -m volatility3_xen samples convert RAW OUT --kind hvm|pv [options]
 
     vol -p plugins -s samples/symbols -f "$(python -m volatility3_xen samples pv)" linux.pslist
@@ -62,16 +65,19 @@ __all__ = [
     "SampleError",
     "SampleFacts",
     "build_sample",
+    "build_save_sample",
     "build_tiny",
     "bundled_sample_dir",
     "cache_dir",
     "convert_image",
     "ensure_raw_image",
+    "ensure_realxen",
     "hvm_vcpu_registers",
     "load_facts",
     "main",
     "pv_vcpu_registers",
     "tiny_guest_image",
+    "unpack_verified",
 ]
 
 #: Bump when the cores built from the same facts change, so that caches rebuild.
@@ -303,25 +309,34 @@ def ensure_raw_image(
 ) -> Path:
     """The decompressed raw image in the cache, its sha256 checked once."""
     cache = cache_dir() if cache is None else cache
-    target = cache / f"{facts.name}.raw"
-    recipe = f"raw {facts.raw_sha256}"
+    return unpack_verified(
+        facts.image, cache / f"{facts.name}.raw", facts.raw_size, facts.raw_sha256, status
+    )
+
+
+def unpack_verified(
+    compressed: Path, target: Path, size: int, sha256: str, status: Status = _status
+) -> Path:
+    """``compressed`` (.xz, or a plain file) unpacked to ``target`` once, sparse, checked
+    against ``size`` and ``sha256``; reused while its stamp says it is that file."""
+    recipe = f"raw {sha256}"
     if _is_fresh(target, recipe):
         return target
-    if not facts.image.is_file():
-        raise SampleError(f"{facts.image}: bundled image missing (use --from DIR)")
-    status(f"unpacking {facts.image.name} into {cache} (once)")
+    if not compressed.is_file():
+        raise SampleError(f"{compressed}: bundled file missing (use --from DIR)")
+    status(f"unpacking {compressed.name} into {target.parent} (once)")
     digest = hashlib.sha256()
     written = 0
-    opener = lzma.open if facts.image.suffix == ".xz" else open
+    opener = lzma.open if compressed.suffix == ".xz" else open
     with _atomic_output(target) as temporary:
         try:
-            with opener(facts.image, "rb") as source, open(temporary, "wb") as sink:
+            with opener(compressed, "rb") as source, _open_temporary(temporary) as sink:
                 while block := source.read(_COPY_CHUNK):
                     written += len(block)
-                    if written > facts.raw_size:  # never fill the disk on a damaged archive
+                    if written > size:  # never fill the disk on a damaged archive
                         raise SampleError(
-                            f"{facts.image}: unpacks to more than the recorded "
-                            f"{facts.raw_size} bytes: damaged sample"
+                            f"{compressed}: unpacks to more than the recorded "
+                            f"{size} bytes: damaged sample"
                         )
                     digest.update(block)
                     if block == _ZERO_CHUNK[: len(block)]:
@@ -330,11 +345,11 @@ def ensure_raw_image(
                         sink.write(block)
                 sink.truncate(written)
         except (lzma.LZMAError, EOFError) as exc:
-            raise SampleError(f"{facts.image}: cannot decompress ({exc}): damaged sample") from None
-        if written != facts.raw_size or digest.hexdigest() != facts.raw_sha256:
+            raise SampleError(f"{compressed}: cannot decompress ({exc}): damaged sample") from None
+        if written != size or digest.hexdigest() != sha256:
             raise SampleError(
-                f"{facts.image}: unpacks to {written} bytes with sha256 {digest.hexdigest()}, "
-                f"expected {facts.raw_size} bytes with sha256 {facts.raw_sha256}: damaged sample "
+                f"{compressed}: unpacks to {written} bytes with sha256 {digest.hexdigest()}, "
+                f"expected {size} bytes with sha256 {sha256}: damaged sample "
                 f"(a Git LFS pointer instead of the file?)"
             )
     _write_stamp(target, recipe)
@@ -521,6 +536,90 @@ def build_sample(
     return target
 
 
+# --- save images of the bundled sample ------------------------------------------------------------
+
+SAVE_KINDS = ("pv", "hvm")
+# What the captured long-mode ring-0 vCPU's HVM CPU record adds to its registers: EFER
+# (SCE, LME, LMA, NXE) and Xen's segment attributes for a 64-bit kernel CS and a flat SS.
+_HVM_LONG_MODE = {"efer": 0xD01, "cs_arbytes": 0xA9B, "ss_arbytes": 0xC93}
+
+
+def hvm_cpu_registers(registers: dict[str, int]) -> dict[str, int]:
+    """The bundled vCPU (``vcpu`` x86_64 names, captured in ring 0) as an HVM CPU record:
+    active GS base = the kernel's, ``shadow_gs`` = the user one, long-mode EFER and
+    attributes."""
+    regs = {**registers, **_HVM_LONG_MODE}
+    regs["gs_base"] = registers.get("gs_base_kernel", 0)
+    regs["shadow_gs"] = registers.get("gs_base_user", 0)
+    return regs
+
+
+def build_save_sample(
+    kind: str,
+    *,
+    sample_dir: Path | None = None,
+    cache: Path | None = None,
+    force: bool = False,
+    status: Status = _status,
+) -> Path:
+    """Path of an ``xl save``-style image of the bundled guest, ``kind`` "pv" (page tables
+    holding pfns, as the real save code leaves them) or "hvm" (an HVM_CONTEXT CPU record),
+    written by ``savewriter.write_from_image`` and cached like the cores."""
+    if kind not in SAVE_KINDS:
+        raise SampleError(f"unknown save sample kind {kind!r} (pv or hvm)")
+    from . import savewriter
+
+    facts = load_facts(bundled_sample_dir() if sample_dir is None else sample_dir)
+    cache = cache_dir() if cache is None else cache
+    target = cache / f"{facts.name}-{kind}.save"
+    recipe = f"save {kind} {facts.recipe}"
+    if not force and _is_fresh(target, recipe):
+        return target
+    raw = ensure_raw_image(facts, cache, status)
+    status(f"building {target.name}")
+    registers = facts.registers if kind == "pv" else hvm_cpu_registers(facts.registers)
+    with _mapped(raw, writable_copy=False) as image, _atomic_output(target) as temporary:
+        savewriter.write_from_image(temporary, image, registers, kind=kind)
+    _write_stamp(target, recipe, raw_sha256=facts.raw_sha256)
+    return target
+
+
+# --- files written by a real Xen -----------------------------------------------------------------
+
+REALXEN_FACTS = "realxen.json"
+REALXEN_KINDS = ("save", "core")
+
+
+def ensure_realxen(
+    kind: str,
+    *,
+    sample_dir: Path | None = None,
+    cache: Path | None = None,
+    status: Status = _status,
+) -> Path:
+    """The bundled real ``xl save`` ("save") or ``xl dump-core`` ("core") of the
+    ``realxen-pv1`` guest, unpacked into the cache once and checked against the sha256
+    recorded in ``samples/realxen.json``."""
+    if kind not in REALXEN_KINDS:
+        raise SampleError(f"unknown real Xen file {kind!r} (save or core)")
+    directory = bundled_sample_dir() if sample_dir is None else sample_dir
+    path = directory / REALXEN_FACTS
+    try:
+        entry = json.loads(path.read_bytes())["files"][kind]
+        compressed = directory / str(entry["xz"])
+        name = Path(str(entry["name"])).name
+        size = _number(entry["size"], f"{kind}.size")
+        sha256 = str(entry["sha256"]).lower()
+    except OSError:
+        raise SampleError(f"{path}: no real-Xen facts file (use --from DIR)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SampleError(f"{path}: malformed ({type(exc).__name__}: {exc})") from None
+    if not name or name.startswith("."):
+        raise SampleError(f"{path}: {kind}.name {entry['name']!r} is not a file name")
+    cache = cache_dir() if cache is None else cache
+    return unpack_verified(compressed, cache / name, size, sha256, status)
+
+
 # --- tiny synthetic guest -------------------------------------------------------------------------
 
 _TINY_PAGES = 1024  # 4 MiB: room for one 2 MiB page
@@ -616,6 +715,28 @@ def _build_parser() -> _Parser:
             help=f"directory with {SAMPLE_NAME}.json and the image (default: the checkout's)",
         )
         command.add_argument("--force", action="store_true", help="rebuild even if cached")
+    for kind in SAVE_KINDS:
+        text = f"print the bundled guest's {kind.upper()} save image path (built on first use)"
+        command = sub.add_parser(f"save-{kind}", help=text, description=text)
+        command.add_argument(
+            "--from",
+            dest="sample_dir",
+            type=Path,
+            default=None,
+            help=f"directory with {SAMPLE_NAME}.json and the image (default: the checkout's)",
+        )
+        command.add_argument("--force", action="store_true", help="rebuild even if cached")
+    for kind in REALXEN_KINDS:
+        what = {"save": "xl save", "core": "xl dump-core"}[kind]
+        text = f"print the path of the real Xen 4.17 `{what}` file of a PV guest (unpacked once)"
+        command = sub.add_parser(f"realxen-{kind}", help=text, description=text)
+        command.add_argument(
+            "--from",
+            dest="sample_dir",
+            type=Path,
+            default=None,
+            help=f"directory with {REALXEN_FACTS} and the .xz files (default: the checkout's)",
+        )
     tiny = sub.add_parser("tiny", help="print two tiny synthetic cores (PV, HVM) for demos")
     tiny.add_argument("--force", action="store_true", help="rebuild even if cached")
 
@@ -703,6 +824,13 @@ def _run(options: argparse.Namespace) -> int:
     if command == "tiny":
         for path in build_tiny(force=options.force):
             print(path)
+        return 0
+    if command.startswith("save-"):
+        kind = command.split("-", 1)[1]
+        print(build_save_sample(kind, sample_dir=options.sample_dir, force=options.force))
+        return 0
+    if command.startswith("realxen-"):
+        print(ensure_realxen(command.split("-", 1)[1], sample_dir=options.sample_dir))
         return 0
     if command == "raw":
         sample_dir = bundled_sample_dir() if options.sample_dir is None else options.sample_dir
