@@ -1,8 +1,13 @@
-"""Everything a Xen dump-core says about itself: guest, notes, sections, page table.
+"""Everything a Xen memory file says about itself, one row per fact.
 
-``vol -f guest.core xen.info`` prints one row per fact, grouped (file, guest, format,
-xen, notes, sections, table, shared_info, warnings).  Reads only the ELF header, the
-notes and the pfn table: it never scans guest memory.
+``vol -f guest.core xen.info``: a dump-core's groups are file, guest, format, xen, notes,
+sections, table, shared_info, warnings; it reads only the ELF header, the notes and the
+pfn table.  ``vol -f guest.save xen.info``: a save image's groups are file, wrappers (xl,
+libxl, libxc, xenopsd and their versions), guest, xen (from the domain header), config
+(the xl header's JSON: name, uuid, memory, vcpus, disks, vifs), records (counts by type),
+pages (stored, duplicates, by page type, checkpoints), table, hvm (HVM_CONTEXT entries,
+HVM_PARAMS), shared_info, warnings; it reads only record headers and small records.
+Neither scans guest memory.
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ def _shown_location(location: str) -> str:
 
 
 class Info(interfaces.plugins.PluginInterface):
-    """Shows the facts of a Xen dump-core (xl dump-core): notes, sections, page table.
+    """Shows the facts of a Xen dump-core (notes, sections, page table) or save image
+    (wrappers, domain header, JSON config, record and page statistics, HVM state).
 
     Columns: Group, Field, Value (as text), Number (the same value typed as an integer,
     hex for addresses, where the fact is a number, so that ``-r json``/``-r csv`` give
@@ -80,7 +86,7 @@ class Info(interfaces.plugins.PluginInterface):
     def _generator(self) -> Iterator[tuple[int, tuple]]:
         layer = api.find_xen_layer(self.context, self.config["primary"])
         if layer is None:  # XenCoreRequirement guarantees one; a hand-made config may not
-            vollog.error(f"{self.config['primary']} is not a Xen dump-core layer")
+            vollog.error(f"{self.config['primary']} is not a Xen guest layer")
             return
         location = given_location(self.context, layer.name)
         for fact in report.facts(layer.image):
