@@ -418,6 +418,26 @@ def _fragmented_worker(path: Path, markers: list[int], address_limit: int) -> Re
     return result
 
 
+def vol_info_limited(core: Path, cache_path: Path, address_limit: int) -> Result:
+    """Wall time of one ``vol xen.info`` process under ``RLIMIT_AS = address_limit``
+    (vol's start-up included), and whether it printed its table."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (address_limit, address_limit))
+
+    cache_path.mkdir(parents=True, exist_ok=True)
+    command = _vol_command() + ["-q", "-p", str(REPO / "plugins"), "--cache-path"]
+    command += [str(cache_path), "-f", str(core), "xen.info"]
+    start = time.perf_counter()
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, preexec_fn=limit, check=False
+    )
+    seconds = time.perf_counter() - start
+    error = _companion_error("xen.info", done)
+    return {"error": error} if error else {"seconds": seconds, "address_limit": address_limit}
+
+
 def _layer_runs(layer: xen_layer.XenDumpCoreLayer) -> list:
     return [layer._run_addr, layer._run_target, layer._run_size]
 

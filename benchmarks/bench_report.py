@@ -237,10 +237,18 @@ def _fragmented_lines(run: Run) -> list[str]:
         f"under RLIMIT_AS {ADDRESS_LIMIT_TEXT} |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    notes = []
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['label']} | error: {row['error']} |" + " |" * 10)
             continue
+        info = row.get("vol_info_limited")
+        if info:
+            notes.append(
+                f"`vol xen.info` on {row['label']} under `RLIMIT_AS` = {ADDRESS_LIMIT_TEXT}: "
+                + (f"**fails** ({info['error']})" if "error" in info else f"{_ms(info['seconds'])}")
+                + " wall, vol's start-up included."
+            )
         table = row["table_bytes"]
         runs = row.get("m2p_runs", row["pfn_runs"])
         peak_rss = row.get("layer_peak_rss_delta_bytes")
@@ -251,7 +259,7 @@ def _fragmented_lines(run: Run) -> list[str]:
             f"{_ms(row.get('machine_layer_s'))} | "
             f"{_x(peak_rss / table) if peak_rss else '—'} | {_limited_cell(row)} |"
         )
-    return lines
+    return lines + [line for note in notes for line in ("", note)]
 
 
 def _runs(all_s: list[float]) -> str:

@@ -284,6 +284,10 @@ def measure_fragmented(cache: Path, conf: dict[str, Any]) -> list[Run]:
                 if key in runs[0]:
                     row[key] = max(r[key] for r in runs if r.get(key) is not None)
         row["limited"] = measure.fragmented(core.path, core.marker_pfns, ADDRESS_LIMIT)
+        if kind == "hvm":
+            row["vol_info_limited"] = measure.vol_info_limited(
+                core.path, cache / "vol-cache", ADDRESS_LIMIT
+            )
         rows.append(row)
     return rows
 
