@@ -13,6 +13,7 @@ No Volatility context is needed: ``XenDumpCore.open(path)`` works on a plain fil
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import struct
@@ -22,6 +23,7 @@ from typing import BinaryIO, Callable, Union
 
 import numpy as np
 
+from . import ia64 as ia64_mod
 from . import notes as xen_notes
 from .elfcore import ElfCore, Reader, Section, looks_like_elf_core
 from .errors import XenFormatError
@@ -33,7 +35,8 @@ PRSTATUS_SECTION = ".xen_prstatus"
 SHARED_INFO_SECTION = ".xen_shared_info"
 PAGES_SECTION = ".xen_pages"
 P2M_SECTION = ".xen_p2m"  # PV: {u64 pfn, u64 gmfn}
-PFN_SECTION = ".xen_pfn"  # HVM/PVH/ARM: u64 pfn
+PFN_SECTION = ".xen_pfn"  # HVM/PVH/ARM/ia64: u64 pfn
+MAPPED_REGS_SECTION = ia64_mod.MAPPED_REGS_SECTION  # ia64 PV: mapped_regs_t per vCPU
 
 # Bounds that no real dump-core comes near; they stop damaged headers from driving work.
 MAX_NOTE_SECTION = 1 << 20
@@ -43,6 +46,7 @@ MAX_VCPUS = 1 << 16
 PHYS_ADDR_BITS = 52
 
 EM_386, EM_X86_64, EM_ARM, EM_AARCH64 = 3, 62, 40, 183
+EM_IA_64 = ia64_mod.EM_IA_64
 
 
 #: ``map_region(offset, length)`` -> a read-only buffer over those bytes of the file.
@@ -274,7 +278,10 @@ class XenDumpCore(GuestMemoryImage):
         table = p2m or pfn
         if table is None:
             raise XenFormatError(self.name, f"neither {P2M_SECTION} nor {PFN_SECTION} is present")
-        if self.header.is_pv != (table.name == P2M_SECTION):
+        ia64_pv = self.is_ia64 and self.header.is_pv and table.name == PFN_SECTION
+        if self.header.is_pv != (table.name == P2M_SECTION) and not ia64_pv:
+            # (ia64 PV domains are auto-translated: PV magic with .xen_pfn is what libxc
+            # writes for them, see formats/ia64.py.)
             self.warnings.append(
                 f"header magic says {self.header.guest_type} but the table is {table.name}; "
                 f"following the table"
@@ -330,8 +337,8 @@ class XenDumpCore(GuestMemoryImage):
                 f"{PAGES_SECTION} promises {promised} pages but the file ends after {present}; "
                 "later pages are unavailable"
             )
-        for name in (NOTE_SECTION, PRSTATUS_SECTION, SHARED_INFO_SECTION):
-            section = self.sections.get(name)
+        for name in (NOTE_SECTION, PRSTATUS_SECTION, SHARED_INFO_SECTION, MAPPED_REGS_SECTION):
+            section = self._placed(name)
             if section is not None and section.end > self.file_size:
                 self.warnings.append(
                     f"{name} is truncated: {section.size:#x} bytes at {section.offset:#x}, "
@@ -352,13 +359,19 @@ class XenDumpCore(GuestMemoryImage):
 
     @property
     def guest_type(self) -> str:
+        if self.is_ia64 and self.header.is_pv:
+            return GUEST_PV  # ia64 PV: paravirtualised, yet auto-translated (is_pv False)
         return GUEST_PV if self.is_pv else GUEST_HVM_OR_PVH
+
+    @property
+    def is_ia64(self) -> bool:
+        return self.elf.facts.e_machine == EM_IA_64
 
     @property
     def guest_width(self) -> int | None:
         """Guest pointer size in bytes, from ``e_machine`` (PV only tells it truly:
         HVM cores are always EM_X86_64, whatever the guest runs)."""
-        return {EM_386: 4, EM_X86_64: 8, EM_AARCH64: 8}.get(self.elf.facts.e_machine)
+        return {EM_386: 4, EM_X86_64: 8, EM_AARCH64: 8, EM_IA_64: 8}.get(self.elf.facts.e_machine)
 
     def adopt_page_map(self, page_map: PageMap) -> None:
         """Reuse a page map built earlier from the very same file (see layer.py); its
@@ -443,16 +456,26 @@ class XenDumpCore(GuestMemoryImage):
         section = self.sections.get(PRSTATUS_SECTION)
         if section is None:
             return None
+        area = self._per_vcpu_area(section)
+        entsize, count = area.entsize, area.count
+        if entsize <= 0:
+            return area
+        if count < self.header.nr_vcpus:
+            self.warnings.append(
+                f"header says {self.header.nr_vcpus} vCPUs but {PRSTATUS_SECTION} holds {count}"
+            )
+        return area
+
+    def _per_vcpu_area(self, section: Section) -> VcpuArea:
+        """A section of one entry per stored vCPU: its entries (``sh_entsize``, else the
+        size split over ``nr_vcpus``), as many as the header, the section and the file
+        all allow."""
         nr_vcpus = min(self.header.nr_vcpus, MAX_VCPUS)
         entsize = section.entsize or (section.size // nr_vcpus if nr_vcpus else 0)
         if entsize <= 0:
             return VcpuArea(section.offset, 0, 0)
         in_file = max(0, min(section.end, self.file_size) - section.offset)
         count = min(nr_vcpus, section.size // entsize, in_file // entsize)
-        if count < self.header.nr_vcpus:
-            self.warnings.append(
-                f"header says {self.header.nr_vcpus} vCPUs but {PRSTATUS_SECTION} holds {count}"
-            )
         return VcpuArea(section.offset, entsize, count)
 
     def vcpu_slot(self, slot: int) -> bytes:
@@ -471,6 +494,8 @@ class XenDumpCore(GuestMemoryImage):
         area = self.vcpu_area
         if area is None or area.count == 0:
             return None
+        if self.is_ia64:
+            return self._ia64_layout(area)
         layout = vcpu.layout_for(self.elf.facts.e_machine, area.entsize)
         if layout is None:
             self.warnings.append(
@@ -488,6 +513,19 @@ class XenDumpCore(GuestMemoryImage):
         if area is None or layout is None:
             return ()
         data = self._read(area.offset, area.count * area.entsize)
+        if self.is_ia64:
+            regs = self.ia64_mapped_regs_area if layout == ia64_mod.LAYOUT_IA64_PV else None
+            # Only the mapped_regs_t at the start of each (page-sized) entry is read.
+            pages = None
+            if regs is not None:
+                size = ia64_mod.MAPPED_REGS_SIZE
+                pages = [
+                    self._read(regs.offset + k * regs.entsize, size) for k in range(regs.count)
+                ]
+            decoded = ia64_mod.decode_ia64_vcpus(
+                data, area.entsize, area.count, pages, self.elf.facts.byteorder
+            )
+            return tuple(decoded)
         return tuple(
             vcpu.decode_all(data, area.entsize, area.count, layout, self.elf.facts.byteorder)
         )
@@ -523,7 +561,68 @@ class XenDumpCore(GuestMemoryImage):
 
     @cached_property
     def shared_info(self) -> bytes | None:
-        section = self.sections.get(SHARED_INFO_SECTION)
+        section = self._placed(SHARED_INFO_SECTION)
         if section is None:
             return None
         return self.elf.read_section(section, limit=1 << 16)
+
+    # -- ia64 ------------------------------------------------------------------------------
+
+    @cached_property
+    def ia64_extent(self) -> ia64_mod.MappedRegsExtent | None:
+        """Where ``.xen_ia64_mapped_regs`` and ``.xen_shared_info`` really are: libxc
+        wrote their headers crossed (see ``formats/ia64.py``)."""
+        regs = self.sections.get(MAPPED_REGS_SECTION)
+        if regs is None or not self.is_ia64:
+            return None
+        info = self.sections.get(SHARED_INFO_SECTION)
+        extent = ia64_mod.mapped_regs_extent(
+            (regs.offset, regs.size), None if info is None else (info.offset, info.size)
+        )
+        return extent  # crossed: normal for libxc's ia64 PV cores, a fact, not a warning
+
+    def _placed(self, name: str) -> Section | None:
+        """Section ``name`` where its data really is (ia64's crossed headers undone)."""
+        section = self.sections.get(name)
+        extent = self.ia64_extent if section is not None else None
+        if extent is None or not extent.crossed:
+            return section
+        if name == MAPPED_REGS_SECTION:
+            return dataclasses.replace(section, offset=extent.regs_offset)
+        if name == SHARED_INFO_SECTION and extent.shared_info_offset is not None:
+            return dataclasses.replace(section, offset=extent.shared_info_offset)
+        return section
+
+    @cached_property
+    def ia64_mapped_regs_area(self) -> VcpuArea | None:
+        """The ``mapped_regs_t`` slots (ia64 PV): one per stored vCPU, bounded by the
+        section and the file."""
+        section = self._placed(MAPPED_REGS_SECTION)
+        if section is None or not self.is_ia64:
+            return None
+        area = self._per_vcpu_area(section)
+        if area.entsize < ia64_mod.MAPPED_REGS_SIZE:
+            self.warnings.append(
+                f"{MAPPED_REGS_SECTION}: {area.entsize}-byte entries cannot hold a "
+                f"{ia64_mod.MAPPED_REGS_SIZE}-byte mapped_regs_t; not decoded"
+            )
+            return None
+        return area
+
+    def _ia64_layout(self, area: VcpuArea) -> str | None:
+        if area.entsize != ia64_mod.CONTEXT_SIZE:
+            self.warnings.append(
+                f"ia64 vCPU slots of {area.entsize} bytes: only the "
+                f"{ia64_mod.CONTEXT_SIZE}-byte vcpu_guest_context of Xen 3.2-4.2 "
+                f"(arch-ia64.h) is decoded; these are left as raw slots"
+            )
+            return None
+        regs = self.ia64_mapped_regs_area
+        if regs is not None and regs.count >= area.count:
+            return ia64_mod.LAYOUT_IA64_PV
+        if regs is not None:
+            self.warnings.append(
+                f"{MAPPED_REGS_SECTION} holds {regs.count} entries for {area.count} vCPU "
+                "contexts; the contexts are shown without their mapped_regs"
+            )
+        return ia64_mod.LAYOUT_IA64

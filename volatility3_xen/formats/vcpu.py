@@ -49,6 +49,7 @@ LAYOUT_ARM = "arm"
 #: ``kind`` values returned by :meth:`VcpuContext.decoded_page_table_base`.
 ADDRESS_MACHINE = "machine"  # A host machine address (PV): look it up through .xen_p2m.
 ADDRESS_GUEST_PHYSICAL = "guest_physical"  # A guest pseudo-physical / IPA address.
+ADDRESS_NONE = "none"  # No single page-table base register (ia64: region registers).
 
 _BYTEORDER_PREFIX = {"little": "<", "big": ">"}
 

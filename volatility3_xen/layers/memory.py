@@ -412,7 +412,7 @@ class XenDumpCoreLayer(XenGuestLayer):
     """
 
     _version = (1, 0, 0)
-    _required_framework_version = (2, 0, 0)
+    _required_framework_version = (2, 26, 0)
 
     def __init__(
         self,
@@ -521,7 +521,7 @@ class XenMachineLayer(_RunMappedLayer):
     """
 
     _version = (1, 0, 0)
-    _required_framework_version = (2, 0, 0)
+    _required_framework_version = (2, 26, 0)
 
     def __init__(
         self,

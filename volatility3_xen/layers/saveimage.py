@@ -46,7 +46,7 @@ class XenSaveImageLayer(XenGuestLayer):
     """
 
     _version = (1, 0, 0)
-    _required_framework_version = (2, 0, 0)
+    _required_framework_version = (2, 26, 0)
 
     def __init__(
         self,

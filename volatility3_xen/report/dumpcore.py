@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..formats import ia64 as ia64_mod
 from ..formats import vcpu as vcpu_mod
 from ..formats.dumpcore import XenDumpCore
 from ..formats.elfcore import Section
@@ -46,6 +47,8 @@ from .model import (
 )
 
 EM_386, EM_X86_64 = 3, 62
+#: ia64 cores only: the auto-translation, ``.xen_ia64_mapped_regs`` and slot sizes.
+GROUP_IA64 = "ia64"
 
 # -- cached per-core decoding ---------------------------------------------------------------
 
@@ -118,6 +121,7 @@ def core_facts(core: XenDumpCore) -> list[Fact]:
         Fact(table, "highest_pfn", stats.highest_pfn, hex=True),
         Fact(table, "memory", memory, f"{human_size(memory)} (valid pages x page size)"),
     ]
+    facts += _ia64_facts(core)
     facts += _shared_info_facts(core)
     # Last: everything above may have added warnings to the core.
     facts += [Fact(GROUP_WARNINGS, f"warning_{i}", text) for i, text in enumerate(core.warnings)]
@@ -141,7 +145,7 @@ def _guest_facts(core: XenDumpCore, contexts: Sequence[VcpuContext]) -> list[Fac
     stored = len(contexts)
     layout = vcpu_layout(core)
     return [
-        Fact(guest, "type", header.guest_type, f"from the header magic {header.magic:#x}"),
+        Fact(guest, "type", header.guest_type, _guest_type_hint(core)),
         Fact(guest, "magic", header.magic, hex=True),
         Fact(guest, "width", *_guest_width(core)),
         Fact(guest, "machine", f"{elf.machine_name} ({elf.e_machine})", "ELF e_machine"),
@@ -157,8 +161,17 @@ def _guest_facts(core: XenDumpCore, contexts: Sequence[VcpuContext]) -> list[Fac
     ]
 
 
+def _guest_type_hint(core: XenDumpCore) -> str:
+    hint = f"from the header magic {core.header.magic:#x}"
+    if core.is_ia64 and core.header.is_pv:
+        hint += "; ia64 PV is auto-translated (.xen_pfn, pseudo-physical page tables)"
+    return hint
+
+
 def _guest_width(core: XenDumpCore) -> tuple[FactValue, str]:
     machine = core.elf.facts.e_machine
+    if core.is_ia64:
+        return "64-bit", "ia64 guests are 64-bit"
     if core.is_pv and machine in (EM_386, EM_X86_64):
         return f"{32 if machine == EM_386 else 64}-bit", "PV: from e_machine"
     if machine == EM_X86_64:
@@ -238,6 +251,52 @@ def _section_facts(core: XenDumpCore) -> list[Fact]:
         )
         for row in section_rows(core)
     ]
+
+
+def _ia64_facts(core: XenDumpCore) -> list[Fact]:
+    """ia64 only: what is particular to its cores (formats/ia64.py)."""
+    if not core.is_ia64:
+        return []
+    group = GROUP_IA64
+    facts = [Fact(group, "translation", "auto-translated", f"PV and HVM alike: {core.table.name}")]
+    area = core.vcpu_area
+    if area is not None:
+        known = area.entsize == ia64_mod.CONTEXT_SIZE
+        hint = (
+            "vcpu_guest_context of Xen 3.2-4.2, decoded"
+            if known
+            else f"not the {ia64_mod.CONTEXT_SIZE}-byte layout of Xen 3.2-4.2: slots not decoded"
+        )
+        facts.append(Fact(group, "vcpu_slot_size", area.entsize, hint))
+        facts.append(Fact(group, "vcpu_slots", area.count, f"{area.count} x {area.entsize} bytes"))
+    section = core.sections.get(ia64_mod.MAPPED_REGS_SECTION)
+    if section is None:
+        facts.append(Fact(group, "mapped_regs", False, "PV only: absent for HVM (VTi)"))
+        return facts
+    regs = core.ia64_mapped_regs_area
+    extent = core.ia64_extent
+    count = 0 if regs is None else regs.count
+    entsize = section.entsize or (regs.entsize if regs else 0)
+    facts += [
+        Fact(group, "mapped_regs", True, ia64_mod.MAPPED_REGS_SECTION),
+        Fact(
+            group,
+            "mapped_regs_entries",
+            count,
+            f"{entsize}-byte entries, each starting with a "
+            f"{ia64_mod.MAPPED_REGS_SIZE}-byte mapped_regs_t",
+        ),
+    ]
+    if extent is not None:
+        crossed = extent.crossed
+        note = (
+            f"the header says {section.offset:#x}: libxc crossed it with .xen_shared_info's"
+            if crossed
+            else "as the section header says"
+        )
+        facts.append(Fact(group, "mapped_regs_offset", extent.regs_offset, note, hex=True))
+        facts.append(Fact(group, "headers_crossed", crossed, "undone" if crossed else "as written"))
+    return facts
 
 
 def _shared_info_facts(core: XenDumpCore) -> list[Fact]:

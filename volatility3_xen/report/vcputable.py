@@ -48,13 +48,19 @@ _TITLES = {"pc64": "PC", "flags": "VGCF_FLAGS"}
 _GDT_FRAMES = "GDT_FRAMES"
 
 
+def _basic(layout: str) -> tuple[str, ...]:
+    """Registers shown without --all: the table above, else the layout's own choice
+    (layouts registered by other modules, e.g. ia64)."""
+    return _BASIC.get(layout) or tuple(vcpu_mod.register_groups(layout)["basic"])
+
+
 def _title(register: str) -> str:
     return _TITLES.get(register, register.upper())
 
 
 def _extra_registers(layout: str) -> list[str]:
     """``--all``: every other decoded field, gdt_frame0..15 folded into one column."""
-    shown = set(_BASIC[layout])
+    shown = set(_basic(layout))
     extra: list[str] = []
     for name in vcpu_mod.register_groups(layout)["all"]:
         if name in shown:
@@ -102,7 +108,7 @@ def vcpu_table(core: GuestMemoryImage, all_registers: bool = False) -> VcpuTable
     ]
     if layout is None:
         return VcpuTable(None, tuple(columns), ())
-    registers = list(_BASIC[layout])
+    registers = list(_basic(layout))
     if all_registers:
         registers += _extra_registers(layout)
     for name in registers:
@@ -149,6 +155,8 @@ def _gdt_frames(registers: dict[str, int]) -> str:
 
 def _page_table_base(core: GuestMemoryImage, context: VcpuContext) -> tuple[Cell, Cell]:
     kind, address = context.decoded_page_table_base(core.is_pv)
+    if kind == vcpu_mod.ADDRESS_NONE:  # ia64: no page-table base register
+        return Absent.NOT_APPLICABLE, Absent.NOT_APPLICABLE
     if kind == vcpu_mod.ADDRESS_GUEST_PHYSICAL:
         return Absent.NOT_APPLICABLE, address
     if core.machine_frames is None:

@@ -57,11 +57,14 @@ SECTION_SHARED_INFO = ".xen_shared_info"
 SECTION_PAGES = ".xen_pages"
 SECTION_P2M = ".xen_p2m"
 SECTION_PFN = ".xen_pfn"
+SECTION_IA64_MAPPED_REGS = ".xen_ia64_mapped_regs"
 SECTION_SHSTRTAB = ".shstrtab"
 
 VCPU_CONTEXT_SIZE_X86 = 5168  # sizeof(vcpu_guest_context_any_t) on x86, Xen >= 4.0
 VCPU_CONTEXT_SIZE_X86_32 = 2800  # compat layout, stored at the start of a 5168-byte slot
 VCPU_CONTEXT_SIZE_ARM = 352
+VCPU_CONTEXT_SIZE_IA64 = 22208  # vcpu_guest_context, Xen 3.2-4.2 (arch-ia64.h)
+IA64_MAPPED_REGS_SIZE = 4096  # XMAPPEDREGS_SIZE
 
 VGCF_I387_VALID = 1 << 0
 VGCF_IN_KERNEL = 1 << 2
@@ -150,6 +153,13 @@ class CoreSpec:
     nr_vcpus: int | None = None  # header xch_nr_vcpus override
     magic: int | None = None  # header xch_magic override
     abiversion: int = 1  # EI_ABIVERSION; libxc writes EV_CURRENT
+    # ia64 PV: one mapped_regs_t page per vCPU in .xen_ia64_mapped_regs (None: no section),
+    # entries of max(XMAPPEDREGS_SIZE, page size) bytes unless given; libxc wrote that
+    # section's header and .xen_shared_info's crossed (see formats/ia64.py), and so does
+    # this writer unless ia64_crossed_headers is False.
+    ia64_mapped_regs: Sequence[bytes] | None = None
+    ia64_mapped_regs_entsize: int | None = None
+    ia64_crossed_headers: bool = True
 
 
 @dataclass(frozen=True)
@@ -171,6 +181,12 @@ class CoreLayout:
     sections: tuple[SectionLayout, ...]  # in section-header order, index 0 is the NULL section
     shstrndx: int
     file_size: int
+    #: Where a section's bytes really are when its header says otherwise (ia64's crossed
+    #: mapped_regs / shared_info headers).
+    data_offsets: Mapping[str, int] = field(default_factory=dict)
+
+    def data_offset(self, name: str) -> int:
+        return self.data_offsets.get(name, self.section(name).offset)
 
     def section(self, name: str) -> SectionLayout:
         for sec in self.sections:
@@ -393,6 +409,21 @@ def _vcpu_slots(spec: CoreSpec) -> list[bytes]:
     return slots
 
 
+def _ia64_regs_entsize(spec: CoreSpec) -> int:
+    if spec.ia64_mapped_regs_entsize is not None:
+        return spec.ia64_mapped_regs_entsize
+    return max(IA64_MAPPED_REGS_SIZE, spec.page_size)
+
+
+def _ia64_regs_blob(spec: CoreSpec) -> bytes:
+    entsize = _ia64_regs_entsize(spec)
+    pages = list(spec.ia64_mapped_regs or ())
+    for i, page in enumerate(pages):
+        if len(page) > entsize:
+            raise ValueError(f"ia64 mapped_regs {i} is {len(page)} bytes > entsize {entsize}")
+    return b"".join(bytes(page).ljust(entsize, b"\0") for page in pages)
+
+
 def _check_page_size(page_size: int) -> None:
     if page_size < 512 or page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
@@ -414,6 +445,7 @@ def plan_layout(spec: CoreSpec) -> CoreLayout:
         SECTION_PRSTATUS,
         SECTION_SHARED_INFO,
         SECTION_PAGES,
+        SECTION_IA64_MAPPED_REGS,
         table_name,
     }
     if unknown:
@@ -431,6 +463,10 @@ def plan_layout(spec: CoreSpec) -> CoreLayout:
             spec.vcpu_entsize,
         ),
     ]
+    if spec.ia64_mapped_regs is not None:  # header after prstatus (xc_core.c, ia64 only)
+        regs_entsize = _ia64_regs_entsize(spec)
+        regs_size = regs_entsize * len(spec.ia64_mapped_regs)
+        wanted.append((SECTION_IA64_MAPPED_REGS, SHT_PROGBITS, regs_size, 8, regs_entsize))
     if spec.shared_info is not None:
         wanted.append((SECTION_SHARED_INFO, SHT_PROGBITS, ps, 8, ps))
     wanted.append((SECTION_PAGES, SHT_PROGBITS, n_entries * ps, ps, ps))
@@ -442,14 +478,21 @@ def plan_layout(spec: CoreSpec) -> CoreLayout:
     strtab = _shstrtab(names) if with_strtab else b""
     name_offsets = {n: strtab.index(n.encode() + b"\0") for n in names} if with_strtab else {}
 
-    # Data order differs from header order: notes, prstatus, shared info, pad, pages, table, strtab.
+    # Data order differs from header order: notes, prstatus, shared info, [ia64 mapped regs],
+    # pad, pages, table, strtab.
     shnum = 1 + len(wanted)
     offset = elf.ehdr_size + shnum * elf.shdr_size
     data_offsets: dict[str, int] = {}
-    for name in (SECTION_NOTES, SECTION_PRSTATUS, SECTION_SHARED_INFO):
+    for name in (SECTION_NOTES, SECTION_PRSTATUS, SECTION_SHARED_INFO, SECTION_IA64_MAPPED_REGS):
         if name in names:
             data_offsets[name] = offset
             offset += next(w[2] for w in wanted if w[0] == name)
+    header_offsets = dict(data_offsets)
+    if spec.ia64_crossed_headers and {SECTION_IA64_MAPPED_REGS, SECTION_SHARED_INFO} <= set(names):
+        # libxc: headers regs-then-shared-info from the end of prstatus, data the other way.
+        regs_size = next(w[2] for w in wanted if w[0] == SECTION_IA64_MAPPED_REGS)
+        header_offsets[SECTION_IA64_MAPPED_REGS] = data_offsets[SECTION_SHARED_INFO]
+        header_offsets[SECTION_SHARED_INFO] = data_offsets[SECTION_SHARED_INFO] + regs_size
     if SECTION_PAGES in names:
         offset = -(-offset // ps) * ps
         data_offsets[SECTION_PAGES] = offset
@@ -473,14 +516,15 @@ def plan_layout(spec: CoreSpec) -> CoreLayout:
                 index=index,
                 sh_name=name_offsets.get(name, 0),
                 sh_type=sh_type,
-                offset=data_offsets[name],
+                offset=header_offsets.get(name, data_offsets.get(name, 0)),
                 size=size,
                 addralign=align,
                 entsize=entsize,
             )
         )
     shstrndx = names.index(SECTION_SHSTRTAB) + 1 if with_strtab else 0
-    return CoreLayout(tuple(sections), shstrndx, offset)
+    moved = {n: o for n, o in data_offsets.items() if header_offsets.get(n, o) != o}
+    return CoreLayout(tuple(sections), shstrndx, offset, moved)
 
 
 def _shstrtab(names: Sequence[str]) -> bytes:
@@ -596,10 +640,12 @@ def write_core(path: str | os.PathLike[str], spec: CoreSpec) -> CoreLayout:
         if len(spec.shared_info) > ps:
             raise ValueError(f"shared_info is {len(spec.shared_info)} bytes > page size {ps}")
         blobs[SECTION_SHARED_INFO] = bytes(spec.shared_info).ljust(ps, b"\0")
-    for name in (SECTION_NOTES, SECTION_PRSTATUS, SECTION_SHARED_INFO):
+    if spec.ia64_mapped_regs is not None:
+        blobs[SECTION_IA64_MAPPED_REGS] = _ia64_regs_blob(spec)
+    for name in (SECTION_NOTES, SECTION_PRSTATUS, SECTION_SHARED_INFO, SECTION_IA64_MAPPED_REGS):
         if layout.has(name):
-            sec = layout.section(name)
-            assert sec.offset == len(head), (name, sec.offset, len(head))
+            offset = layout.data_offset(name)
+            assert offset == len(head), (name, offset, len(head))
             head += blobs[name]
 
     with open_output(path) as out:
