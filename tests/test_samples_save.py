@@ -184,3 +184,18 @@ def test_save_sample_cli_is_cached(save_samples: dict[str, Path]) -> None:
         patch.setenv(samples.CACHE_ENV, str(SAMPLE_CACHE))
         code, out, err = run_main("save-hvm")
     assert (code, out.strip(), err) == (0, str(save_samples["hvm"]), "")
+
+
+def test_every_subpackage_is_installed() -> None:
+    """``pip install .`` (the quick start) ships only the packages setup.cfg lists: a
+    subpackage missing there breaks the installed plugins (``report`` once did)."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    found = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for init in (REPO / "volatility3_xen").rglob("__init__.py")
+    }
+    assert found <= listed, sorted(found - listed)
