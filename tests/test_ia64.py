@@ -283,3 +283,16 @@ def test_vol_info_and_vcpus(tmp_path: Path) -> None:
     assert [int(r["FileSlot"]) for r in table] == [0, 1]
     assert int(table[0]["IP"], 16) == written["contexts"][0]["ip"]
     assert int(table[1]["MR_VPSR"], 16) == written["regs"][1]["vpsr"]
+
+
+def test_vol_vcpus_names_undecoded_slots(tmp_path: Path) -> None:
+    path = tmp_path / "ia64old.core"
+    spec = w.CoreSpec(
+        kind="hvm", pfns=PFNS, page_size=PAGE, machine=EM_IA_64, vcpus=[b""] * 2,
+        vcpu_entsize=21000,
+    )  # fmt: skip
+    w.write_core(path, spec)
+    result = run_vol("-f", str(path), "xen.vcpus", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 vCPU slot(s) of 21000 bytes" in result.stderr
+    assert strip_banner(result.stdout) == ["FileSlot\tOnline\tInKernel"]

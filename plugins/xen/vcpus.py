@@ -87,7 +87,14 @@ class Vcpus(interfaces.plugins.PluginInterface):
             vollog.error(f"{image.name}: vCPU contexts cannot be decoded: {exc}")
             return report.VcpuTable(None, (report.Column(report.COLUMN_SLOT, "int"),), ())
         if not table.rows:
-            vollog.warning(f"{image.name}: the file holds no decodable vCPU context")
+            area = getattr(image, "vcpu_area", None)  # a dump-core's .xen_prstatus slots
+            if area is not None and area.count:
+                vollog.warning(
+                    f"{image.name}: {area.count} vCPU slot(s) of {area.entsize} bytes, in no "
+                    "layout known for this machine: not decoded (xen.info lists them)"
+                )
+            else:
+                vollog.warning(f"{image.name}: the file holds no decodable vCPU context")
         return table
 
     @staticmethod
