@@ -155,8 +155,7 @@ MIN_PAGE_SHIFT, MAX_PAGE_SHIFT = 9, 24
 REC_LENGTH_MAX = 128 << 20  # Xen's own restore limit (xg_sr_stream_format.h)
 MAX_KEPT_BODY = 16 << 20  # blobs kept in memory (HVM context, metadata text, config)
 MAX_OTHER_RECORDS = 1 << 20  # records that are not PAGE_DATA, per file
-BATCH_ENTRIES = 1 << 18  # pfn entries turned into runs per numpy step
-HEAD_READ = 16 + 8 * 1024  # a record header, PAGE_DATA's count and 1024 pfns
+BATCH_ENTRIES = 1 << 16  # pfn entries turned into runs per numpy step
 
 
 @dataclass(frozen=True)
@@ -365,6 +364,9 @@ class _Scanner:
         self.run_off: list[np.ndarray] = []
         self.run_count: list[np.ndarray] = []
         self.run_valid: list[np.ndarray] = []
+        self.run_order: list[np.ndarray] = []  # stream position of each run's first entry
+        self.reordered = False  # runs were appended out of stream order (cut runs' tails)
+        self.flushed = 0
         self.page_records = 0
         self.entries = 0
         self.with_data = 0
@@ -551,13 +553,15 @@ class _Scanner:
     def record_header(
         self, position: int, fmt: str, limit: int, what: str
     ) -> tuple[int, int, int, int]:
-        raw = bytes(self.read(position, 8))
-        if len(raw) < 8 or position + 8 > limit:
+        if position + 8 > min(limit, self.size):
             raise _Stop(
                 f"{what} stream ends at {position:#x} without an END record "
                 "(truncated file or interrupted save)"
             )
-        rtype, length = struct.unpack(fmt, raw)
+        if self.view is not None:
+            rtype, length = struct.unpack_from(fmt, self.view, position)
+        else:
+            rtype, length = struct.unpack(fmt, bytes(self.read(position, 8)))
         body_at = position + 8
         next_at = body_at + ((length + 7) & ~7)
         return rtype, length, body_at, next_at
@@ -655,90 +659,131 @@ class _Scanner:
     # -- PAGE_DATA -------------------------------------------------------------------------
 
     def page_data(self, position: int, length: int, byteorder: str, limit: int) -> None:
-        """Queue one record's pfn array (read with its header: one read per record)."""
-        head = self.read(position, HEAD_READ)
-        if len(head) < 16 or position + 16 > limit:
-            raise _Stop(f"PAGE_DATA record at {position:#x} is cut short; stopped there")
-        count = int.from_bytes(bytes(head[8:12]), byteorder)
+        """Queue one record's pfn array; the numpy work is done per batch (``flush``)."""
         where = f"PAGE_DATA record at {position:#x}"
+        end = min(limit, self.size)
+        if position + 16 > end:
+            raise _Stop(f"{where} is cut short; stopped there")
+        if self.view is not None:
+            count = struct.unpack_from(_prefix(byteorder) + "I", self.view, position + 8)[0]
+        else:
+            count = int.from_bytes(bytes(self.read(position + 8, 4)), byteorder)
         if count == 0:
             self.warn(f"{where} has no pfns (count 0); skipped")
             return
         if 8 + 8 * count > length:
             raise _Stop(f"{where}: {count} pfns do not fit its {length}-byte body; stopped there")
         array_at = position + 16
-        if array_at + 8 * count > min(limit, self.size):
+        if array_at + 8 * count > end:
             raise _Stop(
                 f"{where}: the pfn array is cut short by the end of the file; stopped there"
             )
-        if 16 + 8 * count <= len(head):
-            raw = head[16 : 16 + 8 * count]
-        else:
-            raw = self.read(array_at, 8 * count)
-        dtype = np.dtype(np.uint64).newbyteorder(_prefix(byteorder))
-        words = np.frombuffer(raw, dtype=dtype, count=count).astype(np.uint64)
-        types = (words >> np.uint64(60)).astype(np.intp)
-        if np.any((types >= 5) & (types <= 8)):
-            self.warn(f"{where} has reserved page types (5-8); its pages are ignored")
-            return
-        has_data = types < TYPE_BROKEN
-        data_pages = int(np.count_nonzero(has_data))
-        data_at = array_at + 8 * count
-        body_end = position + 8 + length
-        if data_at + (data_pages << self.page_shift) > body_end:
-            self.warn(f"{where}: {data_pages} pages of data do not fit its {length}-byte body")
-        self.page_records += 1
-        self.entries += count
-        self.with_data += data_pages
-        self.by_type += np.bincount(types, minlength=16)
-        # Pages present in full (the record and the file may end early) map; others not.
-        usable_end = min(body_end, limit, self.size)
-        self.pending.append((words, data_at, usable_end))  # type: ignore[arg-type]
+        self.pending.append((self.read(array_at, 8 * count), array_at, position + 8 + length, end))
         self.pending_entries += count
         if self.pending_entries >= BATCH_ENTRIES:
             self.flush()
 
     def flush(self) -> None:
-        """Turn the queued pfn arrays into runs (stream order), in one numpy pass."""
+        """Turn the queued pfn arrays into runs (stream order): a handful of whole-batch
+        numpy passes, never a Python step per page."""
         if not self.pending:
             return
-        shift = self.page_shift
-        counts = np.fromiter(
-            (len(p[0]) for p in self.pending), dtype=np.int64, count=len(self.pending)
+        pending, self.pending, self.pending_entries = self.pending, [], 0
+        shift, page = self.page_shift, 1 << self.page_shift
+        dtype = np.dtype(np.uint64).newbyteorder(_prefix(self.scan.libxc_byteorder))
+        words = np.frombuffer(b"".join(p[0] for p in pending), dtype=dtype)
+        words = words.astype(np.uint64, copy=False)  # native order (a copy only if swapped)
+        counts = np.fromiter((len(p[0]) >> 3 for p in pending), dtype=np.int64, count=len(pending))
+        array_at = np.fromiter((p[1] for p in pending), dtype=np.int64, count=len(pending))
+        body_end = np.fromiter((p[2] for p in pending), dtype=np.int64, count=len(pending))
+        usable_end = np.minimum(
+            body_end, np.fromiter((p[3] for p in pending), dtype=np.int64, count=len(pending))
         )
-        data_at = np.fromiter((p[1] for p in self.pending), dtype=np.int64, count=len(self.pending))
-        ends = np.fromiter((p[2] for p in self.pending), dtype=np.int64, count=len(self.pending))
-        words = np.concatenate([p[0] for p in self.pending])
-        self.pending, self.pending_entries = [], 0
-        record = np.repeat(np.arange(len(counts)), counts)
-        has_data = (words >> np.uint64(60)) < np.uint64(TYPE_BROKEN)
-        # Rank of each data page within its record: a running count minus the count at
-        # the record's start.
-        running = np.cumsum(has_data, dtype=np.int64)
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        before = running[starts] - has_data[starts]
-        rank = running - 1 - before[record]
-        offsets = data_at[record] + (rank << shift)
-        valid = has_data & (offsets + (1 << shift) <= ends[record])
-        pfns = words & np.uint64(PFN_MASK)
-        offsets = np.where(valid, offsets, 0).astype(np.uint64)
-        # Runs in stream order: pfn +1, same validity, and (valid) the next page in the file.
-        n = len(pfns)
-        if n == 0:
-            return
-        breaks = np.zeros(n, dtype=bool)
-        breaks[0] = True
-        if n > 1:
-            breaks[1:] = (
-                (pfns[1:] != pfns[:-1] + np.uint64(1))
-                | (valid[1:] != valid[:-1])
-                | (valid[1:] & (offsets[1:] != offsets[:-1] + np.uint64(1 << shift)))
+        del pending
+        data_at = array_at + 8 * counts
+        starts = np.zeros(len(counts), dtype=np.int64)
+        np.cumsum(counts[:-1], out=starts[1:])
+        n = len(words)
+        types = (words >> np.uint64(60)).astype(np.uint8)
+        by_type = np.bincount(types, minlength=16)
+        has_data = types < TYPE_BROKEN
+        ranks = None  # position among the record's data pages, when some entries have none
+        if by_type[TYPE_BROKEN:].any():
+            running = np.cumsum(has_data, dtype=np.int64)
+            base = running[starts] - has_data[starts]
+            ranks = running - np.repeat(base, counts)  # 1-based within the record
+            ends_at = np.append(starts[1:], n) - 1
+            data_pages = running[ends_at] - running[starts] + has_data[starts]
+        else:
+            data_pages = counts
+        reserved = by_type[5:9].any()
+        if reserved:
+            bad = (types >= 5) & (types <= 8)
+            bad_records = np.unique(np.searchsorted(starts, np.flatnonzero(bad), side="right") - 1)
+            for record in bad_records.tolist():
+                self.warn(
+                    f"PAGE_DATA record at {int(array_at[record]) - 16:#x} has reserved page types "
+                    "(5-8); its pages are ignored"
+                )
+            has_data = has_data.copy()
+            for record in bad_records.tolist():
+                has_data[starts[record] : starts[record] + counts[record]] = False
+        short = np.flatnonzero(data_at + (data_pages << shift) > body_end)
+        for record in short.tolist():
+            self.warn(
+                f"PAGE_DATA record at {int(array_at[record]) - 16:#x}: "
+                f"{int(data_pages[record])} pages of data do not fit its "
+                f"{int(body_end[record] - array_at[record] + 8)}-byte body"
             )
+        self.page_records += len(counts)
+        self.entries += n
+        self.with_data += int(data_pages.sum())
+        self.by_type += by_type
+        pfns = words & np.uint64(PFN_MASK)
+        del words, types
+        # Runs: a record's first entry, a pfn that does not follow its predecessor, or a
+        # change between entries with and without data.  Inside a run of data entries the
+        # pages follow each other in the file (entries without data take no room).
+        breaks = np.empty(n, dtype=bool)
+        breaks[0] = True
+        np.not_equal(pfns[1:], pfns[:-1] + np.uint64(1), out=breaks[1:])
+        breaks[1:] |= has_data[1:] != has_data[:-1]
+        breaks[starts] = True
         first = np.flatnonzero(breaks)
-        self.run_pfn.append(pfns[first])
-        self.run_off.append(offsets[first])
-        self.run_count.append(np.diff(np.append(first, n)).astype(np.uint64))
-        self.run_valid.append(valid[first])
+        del breaks
+        record = np.searchsorted(starts, first, side="right") - 1
+        if ranks is None:
+            rank = first - starts[record]
+        else:
+            rank = ranks[first] - 1
+        offsets = data_at[record] + (rank << shift)
+        run_count = np.diff(np.append(first, n))
+        valid = has_data[first]
+        # Pages past the end of the record or of the file (an interrupted save) are not
+        # there: a run keeps its whole pages and the rest of it becomes invalid.
+        whole = np.clip((usable_end[record] - offsets) // page, 0, None)
+        cut = valid & (whole < run_count)
+        if cut.any():
+            kept = np.where(cut, whole, run_count)
+            lost = run_count - kept
+            extra = np.flatnonzero(cut & (lost > 0))
+            run_count = kept
+            valid = valid & (kept > 0)
+            first_pfn = pfns[first]
+            tail_pfn = first_pfn[extra] + kept[extra].astype(np.uint64)
+            self.run_pfn += [first_pfn, tail_pfn]
+            self.run_off += [offsets.astype(np.uint64), np.zeros(len(extra), dtype=np.uint64)]
+            self.run_count += [run_count.astype(np.uint64), lost[extra].astype(np.uint64)]
+            self.run_valid += [valid, np.zeros(len(extra), dtype=bool)]
+            self.run_order += [first + self.flushed, first[extra] + self.flushed]
+            self.reordered = True
+        else:
+            self.run_pfn.append(pfns[first])
+            self.run_off.append(offsets.astype(np.uint64))
+            self.run_count.append(run_count.astype(np.uint64))
+            self.run_valid.append(valid)
+            self.run_order.append(first + self.flushed)
+        self.flushed += n
 
     # -- the result ------------------------------------------------------------------------
 
@@ -753,7 +798,11 @@ class _Scanner:
             off = np.concatenate(self.run_off)
             count = np.concatenate(self.run_count)
             valid = np.concatenate(self.run_valid)
-            self.run_pfn = self.run_off = self.run_count = self.run_valid = []
+            if self.reordered:
+                order = np.argsort(np.concatenate(self.run_order), kind="stable")
+                pfn, off, count, valid = pfn[order], off[order], count[order], valid[order]
+            self.run_pfn, self.run_off, self.run_count, self.run_valid = [], [], [], []
+            self.run_order = []
             ends = pfn + count
             if len(pfn) > 1 and not np.all(pfn[1:] >= ends[:-1]):
                 pfn, off, count, valid, duplicates = _last_wins(
