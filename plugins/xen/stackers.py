@@ -16,3 +16,4 @@ except ImportError:  # running from a checkout: <repo>/plugins/xen/stackers.py
     import volatility3_xen  # noqa: F401
 
 from volatility3_xen.layers import magic, memory, pv, saveimage, stackers, windows  # noqa: E402,F401  (registration)
+from volatility3_xen.layers import inguest  # noqa: E402,F401  (in-guest PV images)
