@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -381,3 +382,29 @@ def test_xens_verify_stream_v2_accepts_the_writers_streams(
         check=False,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_resends_match_the_writers_last_wins_account(tmp_path: Path, seed: int) -> None:
+    """Streams that resend pfns in random order with random types (a live migration's
+    later rounds): the map is exactly the writer's account of each pfn's last entry."""
+    rng = random.Random(seed)
+    batches = []
+    for copy in range(rng.randrange(2, 6)):
+        pfns = rng.sample(range(300), rng.randrange(1, 120))
+        if rng.random() < 0.5:
+            pfns.sort()
+        types = [rng.choice([0, 0, 0, 1, 0xC, sw.TYPE_XTAB, sw.TYPE_XALLOC]) for _ in pfns]
+        batches.append(batch(pfns, types, copy=copy))
+    path = tmp_path / "resend.save"
+    layout = sw.write_save(path, small_spec(batches=batches, guest=rng.choice(["pv", "hvm"])))
+    cut = rng.choice([layout.size, rng.randrange(layout.page_records[-1].offset, layout.size)])
+    os.truncate(path, cut)
+    image = XenSaveImage.open(path)
+    runs = image.page_runs()
+    got = {
+        key + i: value + i * PAGE
+        for key, value, count in zip(runs.key, runs.value, runs.count)
+        for i in range(count)
+    }
+    assert got == layout.expected_offsets(file_size=cut)

@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import XenFormatError
 from .image import GUEST_ARM, GUEST_HVM, GUEST_PV, GUEST_PVH
-from .pagemap import Runs, step_breaks, uint64_array
+from .pagemap import Runs, runs_from_pairs, uint64_array
 
 Reader = Callable[[int, int], bytes]
 Buffer = Union[bytes, memoryview]
@@ -831,35 +831,31 @@ class _Scanner:
         )
 
 
+# Values of pages without contents while duplicates are resolved: above any file offset,
+# stepping like offsets so that neighbouring ones still coalesce, dropped afterwards.
+_NO_DATA = np.uint64(1 << 63)
+
+
 def _last_wins(
     pfn: np.ndarray, off: np.ndarray, count: np.ndarray, valid: np.ndarray, shift: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Runs that overlap (a pfn sent more than once): expand to pages, keep each pfn's
-    last entry in stream order, coalesce again.  Only streams that resend pages get here."""
-    total = int(count.sum())
-    run_of = np.repeat(np.arange(len(pfn)), count.astype(np.int64))
+    """Runs that overlap (a pfn sent more than once): expand to pages in stream order and
+    let ``pagemap.runs_from_pairs`` keep each pfn's last entry.  Only streams that resend
+    pages get here."""
+    counts = count.astype(np.int64)
+    total = int(counts.sum())
+    run_of = np.repeat(np.arange(len(pfn)), counts)
     within = np.arange(total, dtype=np.uint64) - np.repeat(
-        np.concatenate(([0], np.cumsum(count)[:-1])).astype(np.uint64), count.astype(np.int64)
+        (np.cumsum(counts) - counts).astype(np.uint64), counts
     )
     pages = pfn[run_of] + within
-    offsets = off[run_of] + (within << np.uint64(shift))
-    ok = valid[run_of]
-    order = np.argsort(pages, kind="stable")
-    pages, offsets, ok = pages[order], offsets[order], ok[order]
-    last = np.ones(total, dtype=bool)
-    last[:-1] = pages[1:] != pages[:-1]
-    duplicates = total - int(np.count_nonzero(last))
-    pages, offsets, ok = pages[last], offsets[last], ok[last]
-    pages, offsets = pages[ok], offsets[ok]
-    if len(pages) == 0:
-        empty = np.zeros(0, dtype=np.uint64)
-        return empty, empty, empty, np.zeros(0, dtype=bool), duplicates
-    breaks = np.union1d(
-        step_breaks(pages), np.flatnonzero(np.diff(offsets) != np.uint64(1 << shift))
+    values = np.where(valid[run_of], off[run_of], _NO_DATA) + (within << np.uint64(shift))
+    del run_of, within
+    runs, duplicates = runs_from_pairs(pages, values, keep="last", value_step=1 << shift)
+    key, value, run_count = (
+        np.frombuffer(c, dtype=np.uint64) for c in (runs.key, runs.value, runs.count)
     )
-    first = np.concatenate(([0], breaks + 1)).astype(np.intp)
-    counts = np.diff(np.append(first, len(pages))).astype(np.uint64)
-    return pages[first], offsets[first], counts, np.ones(len(first), dtype=bool), duplicates
+    return key, value, run_count, value < _NO_DATA, duplicates
 
 
 def scan_stream(
