@@ -22,7 +22,6 @@ from typing import Any
 
 from ..formats import hvmcontext
 from ..formats.errors import XenFormatError, printable
-from ..formats.image import GuestMemoryImage
 from ..formats.sharedinfo import decode_shared_info
 from ..formats.vcpu import LAYOUT_X86_32, LAYOUT_X86_64
 from .model import (
@@ -80,9 +79,11 @@ def save_facts(image: Any) -> list[Fact]:
         )
     facts += [Fact(GROUP_RECORDS, name, count) for name, count in image.record_counts.items()]
     facts += _page_facts(image)
-    facts += _hvm_facts(image)
+    hvm_facts, hvm_warnings = _hvm_facts(image)
+    facts += hvm_facts
     facts += _shared_info_facts(image)
-    facts += [Fact(GROUP_WARNINGS, f"warning_{i}", text) for i, text in enumerate(image.warnings)]
+    warnings = [*image.warnings, *hvm_warnings]
+    facts += [Fact(GROUP_WARNINGS, f"warning_{i}", text) for i, text in enumerate(warnings)]
     return facts
 
 
@@ -216,8 +217,10 @@ def _page_facts(image: Any) -> list[Fact]:
     return facts
 
 
-def _hvm_facts(image: Any) -> list[Fact]:
+def _hvm_facts(image: Any) -> tuple[list[Fact], list[str]]:
+    """The HVM group, and what decoding HVM_CONTEXT found wrong (for the warnings)."""
     facts: list[Fact] = []
+    warnings: list[str] = []
     blob = image.hvm_context
     byteorder = getattr(image, "byteorder", "little")
     if blob is not None:
@@ -235,10 +238,10 @@ def _hvm_facts(image: Any) -> list[Fact]:
             Fact(GROUP_HVM, f"entries_{name}", count, "hvm_save entries")
             for name, count in parsed.counts().items()
         ]
-        facts += [Fact(GROUP_WARNINGS, "hvm_context", text) for text in parsed.warnings]
+        warnings += parsed.warnings
     for index, value in sorted(image.hvm_params.items()):
         facts.append(Fact(GROUP_HVM, hvmcontext.hvm_param_name(index), value, hex=True))
-    return facts
+    return facts, warnings
 
 
 def _shared_info_facts(image: Any) -> list[Fact]:
@@ -266,7 +269,3 @@ def _shared_info_facts(image: Any) -> list[Fact]:
         Fact(group, "wallclock_sec", info.wallclock_seconds, utc_text(info.wallclock_seconds)),
     ]
     return facts
-
-
-def is_save_image(image: GuestMemoryImage) -> bool:
-    return hasattr(image, "wrappers") and hasattr(image, "page_stats")

@@ -512,26 +512,43 @@ def build_sample(
     """Path of the bundled guest's ``kind`` ("pv" or "hvm") core, built if not cached."""
     if kind not in KINDS:
         raise SampleError(f"unknown sample kind {kind!r} (pv or hvm)")
+
+    def make(facts: SampleFacts, raw: Path, target: Path) -> None:
+        options: dict[str, Any] = {"registers": facts.registers, "page_size": facts.page_size}
+        if kind == "pv":
+            options |= {
+                "roots": facts.roots,
+                "seed": facts.pv_seed,
+                "chunk_pages": facts.pv_chunk_pages,
+                "high_fraction": facts.pv_high_fraction,
+            }
+        else:
+            options["tail_padding"] = facts.hvm_tail_padding
+        status(_convert_file(raw, target, kind, **options))
+
+    return _build_from_raw(f"{kind}.core", kind, make, sample_dir, cache, force, status)
+
+
+def _build_from_raw(
+    suffix: str,
+    recipe: str,
+    make: Callable[[SampleFacts, Path, Path], None],
+    sample_dir: Path | None,
+    cache: Path | None,
+    force: bool,
+    status: Status,
+) -> Path:
+    """``<cache>/<sample>-<suffix>``, made by ``make(facts, raw image, target)`` from the
+    unpacked raw image unless a stamp says the cached file was made from this recipe."""
     facts = load_facts(bundled_sample_dir() if sample_dir is None else sample_dir)
     cache = cache_dir() if cache is None else cache
-    target = cache / f"{facts.name}-{kind}.core"
-    recipe = f"{kind} {facts.recipe}"
+    target = cache / f"{facts.name}-{suffix}"
+    recipe = f"{recipe} {facts.recipe}"
     if not force and _is_fresh(target, recipe):
         return target
     raw = ensure_raw_image(facts, cache, status)
     status(f"building {target.name}")
-    options: dict[str, Any] = {"registers": facts.registers, "page_size": facts.page_size}
-    if kind == "pv":
-        options |= {
-            "roots": facts.roots,
-            "seed": facts.pv_seed,
-            "chunk_pages": facts.pv_chunk_pages,
-            "high_fraction": facts.pv_high_fraction,
-        }
-    else:
-        options["tail_padding"] = facts.hvm_tail_padding
-    summary = _convert_file(raw, target, kind, **options)
-    status(summary)
+    make(facts, raw, target)
     _write_stamp(target, recipe, raw_sha256=facts.raw_sha256)
     return target
 
@@ -569,19 +586,12 @@ def build_save_sample(
         raise SampleError(f"unknown save sample kind {kind!r} (pv or hvm)")
     from . import savewriter
 
-    facts = load_facts(bundled_sample_dir() if sample_dir is None else sample_dir)
-    cache = cache_dir() if cache is None else cache
-    target = cache / f"{facts.name}-{kind}.save"
-    recipe = f"save {kind} {facts.recipe}"
-    if not force and _is_fresh(target, recipe):
-        return target
-    raw = ensure_raw_image(facts, cache, status)
-    status(f"building {target.name}")
-    registers = facts.registers if kind == "pv" else hvm_cpu_registers(facts.registers)
-    with _mapped(raw, writable_copy=False) as image, _atomic_output(target) as temporary:
-        savewriter.write_from_image(temporary, image, registers, kind=kind)
-    _write_stamp(target, recipe, raw_sha256=facts.raw_sha256)
-    return target
+    def make(facts: SampleFacts, raw: Path, target: Path) -> None:
+        registers = facts.registers if kind == "pv" else hvm_cpu_registers(facts.registers)
+        with _mapped(raw, writable_copy=False) as image, _atomic_output(target) as temporary:
+            savewriter.write_from_image(temporary, image, registers, kind=kind)
+
+    return _build_from_raw(f"{kind}.save", f"save {kind}", make, sample_dir, cache, force, status)
 
 
 # --- files written by a real Xen -----------------------------------------------------------------
