@@ -428,7 +428,10 @@ class XenPVLinuxIntelStacker(interfaces.automagic.StackerLayerInterface):
         roots: list[VcpuRoot],
     ) -> XenPVMixin | None:
         if probe is None:
-            vollog.debug(f"Xen PV: no linux_banner symbol to verify {layer.name} with")
+            vollog.warning(
+                f"Xen PV: no linux_banner symbol to verify {type(layer).__name__} with; stacked "
+                f"unverified"
+            )
             return layer
         if _reads_probe(layer, probe):
             cross_check_vcpu_roots(context, layer, probe, roots)
