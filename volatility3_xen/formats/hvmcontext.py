@@ -15,6 +15,9 @@ segment limits, bases and attributes of every segment register (TR and LDTR too)
 GDTR/IDTR, the SYSENTER and SYSCALL MSRs (STAR, LSTAR, CSTAR, SFMASK), the inactive GS
 base (``shadow_gs``, MSR_KERNEL_GS_BASE), TSC_AUX, the guest TSC and the pending event.
 
+``HVM_PARAMS`` records (``{u64 index, u64 value}`` pairs) are read by the stream reader
+(``savestream``); ``hvm_param_name`` names them for ``xen.info``.
+
 Hostile input: the walk is bounded by the blob (a descriptor's length never drives an
 allocation; a length running past the end stops the walk with a warning), and every
 problem is a warning, never an exception.  No Volatility import.
@@ -353,27 +356,6 @@ def _decode_cpu(
 def decode_hvm_vcpus(blob: bytes, byteorder: str = "little") -> list[VcpuContext]:
     """The CPU records of an ``HVM_CONTEXT`` blob, by vCPU id (warnings: ``parse_hvm_context``)."""
     return list(parse_hvm_context(blob, byteorder).vcpus)
-
-
-def decode_hvm_params(body: bytes, byteorder: str = "little") -> tuple[dict[int, int], list[str]]:
-    """An ``HVM_PARAMS`` record body: ``u32 count, u32 reserved, {u64 index, u64 value}[count]``.
-
-    Bounded by the body: a count larger than the body holds gives the entries present and a
-    warning.  A repeated index keeps its last value.
-    """
-    prefix = _BYTEORDER.get(byteorder)
-    if prefix is None:
-        raise ValueError(f"unknown byte order {byteorder!r} (expected 'little' or 'big')")
-    warnings: list[str] = []
-    if len(body) < 8:
-        return {}, [f"HVM_PARAMS: {len(body)} bytes, too short for its header"]
-    (count,) = struct.unpack_from(prefix + "I", body, 0)
-    present = (len(body) - 8) // 16
-    if count > present:
-        warnings.append(f"HVM_PARAMS: count {count} but only {present} entries are present")
-        count = present
-    pairs = struct.iter_unpack(prefix + "QQ", memoryview(body)[8 : 8 + 16 * count])
-    return dict(pairs), warnings
 
 
 # --- encoding (test data) -----------------------------------------------------------------------
