@@ -131,8 +131,10 @@ def test_real_save_page_tables_and_cr3_hold_pfns(real_save: Path) -> None:
     frames = {(e & 0x000F_FFFF_FFFF_F000) >> 12 for e in present}
     assert all(layer.is_valid(frame * PAGE, PAGE) for frame in frames)
     assert max(frames) < 32768
-    # ctrlreg[1] (the user L4) is a pfn too, with bit 0 set.
-    assert context.registers.get("cr1", 1) & 1
+    # ctrlreg[1] (the user L4) is a pfn too, with bit 0 set; flags 0x3d as Xen 4.17 wrote.
+    cr1 = context.registers["cr1"]
+    assert cr1 & 1 and layer.is_valid(cr1 & ~0xFFF, PAGE) and cr1 >> 12 < 32768
+    assert context.registers["flags"] == 0x3D
 
 
 def test_real_save_pslist_lists_the_guests_processes(
@@ -274,6 +276,20 @@ def test_unusable_save_images_are_refused_with_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr + result.stdout
     lines = [line for line in result.stderr.splitlines() if "convert-legacy-stream" in line]
     assert len(lines) == 1, result.stderr[-2000:]
+
+
+def test_a_save_cut_before_its_pages_is_refused_with_one_line(
+    written: dict[str, Path], tmp_path: Path
+) -> None:
+    path = tmp_path / "header-only.save"
+    path.write_bytes(written["hvm"].read_bytes()[:2000])
+    _, layer = stack(path)
+    assert isinstance(layer, XenRefusedLayer)
+    result = run_vol("-f", str(path), "linux.pslist")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if "Xen save image cannot be used" in line]
+    assert len(lines) == 1 and "PAGE_DATA" in lines[0], result.stderr[-2000:]
 
 
 def test_not_a_save_image_is_left_to_other_stackers(tmp_path: Path) -> None:
