@@ -1,4 +1,5 @@
-"""Windows HVM guests: each vCPU's CR3 tried as the kernel DTB (``XenVcpuWindowsStacker``)."""
+"""Windows HVM guests: each vCPU's CR3 (dump-core contexts, save-image CPU records) tried as
+the kernel DTB (``XenVcpuWindowsStacker``)."""
 
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ _CR4_LA57 = 1 << 12  # 5-level paging: Volatility has no Windows layer for it
 
 
 class XenVcpuWindowsStacker(interfaces.automagic.StackerLayerInterface):
-    """Tries each vCPU's CR3 of an HVM core as a Windows DTB (order 39, ahead of the DTB
-    scan of Volatility's ``WindowsIntelStacker``, 40).
+    """Tries each vCPU's CR3 of an HVM core, or of an HVM save image's CPU records
+    (``formats.hvmcontext``, whose EFER settles long mode), as a Windows DTB (order 39,
+    ahead of the DTB scan of Volatility's ``WindowsIntelStacker``, 40).
 
     The CR3 becomes a DTB by the one rule of ``formats.vcpu.x86_cr3_base`` (the paging
     mode CR4 implies: 4-level -> ``WindowsIntel32e``, PAE -> ``WindowsIntelPAE`` with a
