@@ -37,8 +37,9 @@ from volatility3.framework.automagic import symbol_cache
 from volatility3.framework.configuration import requirements
 from volatility3.framework.layers import intel, physical, resources, scanners
 
+from ..formats.dumpcore import probe_xen_core
 from ..formats.errors import XenFormatError
-from ..formats.inguest import InGuestPVImage, present_runs
+from ..formats.inguest import FORMAT_NAME, InGuestPVImage, present_runs
 from ..formats.p2mrecovery import (
     DIRECT_MAP_BEFORE_4_20,
     DIRECT_MAP_SINCE_4_20,
@@ -76,6 +77,7 @@ _RECOVERED_SIZE = 2
 _KERNELS: dict[str, dict[str, Any] | None] = {}
 _KERNEL_CACHE_FILE = "volatility3_xen_pv_kernels.json"
 _KERNEL_CACHE_VERSION = 1
+_NOT_PV = "not the memory of a 64-bit Xen PV Linux guest whose kernel symbols are known"
 
 
 class XenInGuestPVLayer(XenGuestLayer):
@@ -379,7 +381,7 @@ class XenInGuestPVStacker(interfaces.automagic.StackerLayerInterface):
                 context,
                 layer_name,
                 source,
-                f"Xen PV guest memory, but its machine-frame map cannot be recovered: {exc}",
+                f"{FORMAT_NAME}, but its machine-frame map cannot be recovered: {exc}",
             )
 
 
@@ -413,7 +415,7 @@ def open_inguest(
     file_name = context.layers.free_layer_name("XenInGuestFile")
     context.config[_path_join(file_name, "location")] = url
     context.layers.add_layer(physical.FileLayer(context, file_name, file_name))
-    stack_set = sorted(
+    formats = sorted(
         (
             candidate
             for candidate in framework.class_subclasses(interfaces.automagic.StackerLayerInterface)
@@ -421,20 +423,63 @@ def open_inguest(
             and candidate.__module__.startswith("volatility3.framework")
         ),
         key=lambda candidate: candidate.stack_order,
-    ) + [XenInGuestPVStacker]
-    stacked = stacker_module.LayerStacker.stack_layer(
-        context, file_name, stack_set, progress_callback
     )
-    top = context.layers[stacked[0]]
-    if isinstance(top, XenInGuestPVLayer):
-        return top.name
-    if isinstance(top, XenRefusedLayer):
-        problem = top.reason
-    else:
-        problem = (
-            f"{url}: not the memory of a 64-bit Xen PV Linux guest whose kernel symbols are known"
-        )
-    for name in [*stacked, *(set(context.layers) - before - set(stacked))]:
-        if name in context.layers and name not in before:
-            context.layers.del_layer(name)
-    raise XenCoreFormatException(file_name, problem)
+    stacked = stacker_module.LayerStacker.stack_layer(
+        context, file_name, formats, progress_callback
+    )
+    try:
+        try:
+            layout = pv_kernel_layout(context, stacked[0], progress_callback)
+        except UNREADABLE as exc:
+            raise XenCoreFormatException(file_name, f"cannot be read: {exc}") from exc
+        if layout is None:
+            raise XenCoreFormatException(file_name, _NOT_PV)
+        name = context.layers.free_layer_name("XenInGuestPVLayer")
+        configure(context, name, stacked[0], layout)
+        try:
+            layer = XenInGuestPVLayer(context, name, name, progress_callback=progress_callback)
+        except XenCoreFormatException as exc:
+            raise XenCoreFormatException(
+                name, f"its machine-frame map cannot be recovered: {exc}"
+            ) from exc
+    except XenCoreFormatException:
+        for name in [*stacked, *(set(context.layers) - before - set(stacked))]:
+            if name in context.layers and name not in before:
+                context.layers.del_layer(name)
+        raise
+    context.layers.add_layer(layer)
+    return name
+
+
+def open_inguest_instead(
+    context: interfaces.context.ContextInterface,
+    location: str | os.PathLike[str],
+    progress_callback: constants.ProgressCallback = None,
+) -> str | None:
+    """For a file that is no Xen dump-core at all (the dump-core probe finds no Xen ELF
+    core): ``open_inguest``, or None when it is not a PV guest's memory either.
+
+    Raises ``XenCoreFormatException`` when it is a PV guest's memory whose map cannot be
+    recovered (the reason is one line).
+    """
+    url = str(location)
+    if "://" not in url:
+        url = Path(url).resolve().as_uri()
+    probe_name = context.layers.free_layer_name("XenInGuestProbe")
+    context.config[_path_join(probe_name, "location")] = url
+    try:
+        context.layers.add_layer(physical.FileLayer(context, probe_name, probe_name))
+        read, size = _base_reader(context.layers[probe_name])
+        if probe_xen_core(read, size).is_xen:
+            return None
+    except UNREADABLE:
+        return None
+    finally:
+        if probe_name in context.layers:
+            context.layers.del_layer(probe_name)
+    try:
+        return open_inguest(context, url, progress_callback)
+    except XenCoreFormatException as exc:
+        if exc.message == _NOT_PV:
+            return None
+        raise

@@ -29,6 +29,7 @@ from volatility3.framework.automagic import stacker
 from volatility3.framework.configuration import requirements
 
 from ..formats.errors import XenFormatError
+from . import inguest
 from .images import DUMP_CORE, XenImageOpenError, open_image
 from .memory import find_xen_layer
 
@@ -114,6 +115,13 @@ class XenCoreMagic(interfaces.automagic.AutomagicInterface):
             problem = f"cannot be read: {exc}"
         for name in set(context.layers) - before:
             context.layers.del_layer(name)
+        if kind == DUMP_CORE:  # no Xen file at all: an image taken inside a PV guest?
+            try:
+                found = inguest.open_inguest_instead(context, location)
+            except XenFormatError as exc:
+                problem, kind, found = str(exc), inguest.FORMAT_NAME, None
+            if found is not None:
+                return found
         vollog.error(f"{_display_name(location)}: not a usable {kind}: {problem}")
         return None
 

@@ -27,8 +27,10 @@ from typing import Callable
 
 from ..formats.dumpcore import XenDumpCore
 from ..formats.image import GuestMemoryImage
+from ..formats.inguest import InGuestPVImage
 from ..formats.saveimage import XenSaveImage
 from .dumpcore import core_facts, decoded_shared_info, section_rows, vcpu_layout, vcpus
+from .inguest import inguest_facts
 from .model import (
     COLUMN_DTB_MACHINE,
     COLUMN_DTB_PHYSICAL,
@@ -75,6 +77,7 @@ def register_facts(image_type: type, source: FactSource) -> None:
 
 
 register_facts(XenSaveImage, save_facts)
+register_facts(InGuestPVImage, inguest_facts)
 
 
 def facts(image: GuestMemoryImage) -> list[Fact]:
