@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from volatility3.framework import contexts
 
 from volatility3_xen import api, report
@@ -125,6 +124,48 @@ def test_windows_stacker_pae_cr3(tmp_path: Path) -> None:
     assert layer.config["page_map_offset"] == _PDPT
     assert layer.read(0xFFDF0000 + 0x26C, 4) == struct.pack("<I", 6)
     assert layer.translate(0x7FFE0000)[0] == _KUSER * PAGE
+
+
+def _long_mode_windows_pages(l4_pfn: int) -> dict[int, bytes]:
+    """4-level tables mapping KUSER_SHARED_DATA at 0xFFFFF78000000000 and 0x7FFE0000."""
+    table, kuser_pfn = 0x63, 20
+    pages: dict[int, bytearray] = {l4_pfn: bytearray(PAGE)}
+    next_pfn = iter(range(l4_pfn + 1, l4_pfn + 16))
+    for va in (0xFFFFF78000000000, 0x7FFE0000):
+        pfn = l4_pfn
+        for shift in (39, 30, 21):
+            index = (va >> shift) & 0x1FF
+            (entry,) = struct.unpack_from("<Q", pages[pfn], 8 * index)
+            if not entry:
+                entry = next(next_pfn) << 12 | table
+                struct.pack_into("<Q", pages[pfn], 8 * index, entry)
+                pages[entry >> 12] = bytearray(PAGE)
+            pfn = entry >> 12
+        struct.pack_into("<Q", pages[pfn], 8 * ((va >> 12) & 0x1FF), kuser_pfn << 12 | table)
+    kuser = bytearray(PAGE)
+    struct.pack_into("<I", kuser, 0x26C, 10)
+    pages[kuser_pfn] = kuser
+    return {pfn: bytes(page) for pfn, page in pages.items()}
+
+
+def test_windows_stacker_long_mode_cr3_with_pcid(tmp_path: Path) -> None:
+    path = tmp_path / "win64.core"
+    l4 = 4
+    registers = {"cr0": 0x8005_0033, "cr3": l4 << 12 | 0x5, "cr4": CR4_PAE | CR4_PCIDE}
+    _hvm_core(path, registers | {"flags": 0x21}, _long_mode_windows_pages(l4))
+    context = contexts.Context()
+    layer = windows.XenVcpuWindowsStacker.stack(context, api.open_core(context, path))
+    assert layer is not None and type(layer).__name__ == "WindowsIntel32e"
+    assert layer.config["page_map_offset"] == l4 << 12
+    assert layer.read(0xFFFFF78000000000 + 0x26C, 4) == struct.pack("<I", 10)
+
+
+def test_windows_stacker_rejects_a_non_windows_space(tmp_path: Path) -> None:
+    path = tmp_path / "notwin.core"
+    registers = {"cr0": 0x8005_0033, "cr3": 4 << 12, "cr4": CR4_PAE | CR4_PCIDE}
+    _hvm_core(path, registers, {4: bytes(PAGE), 9: b""})  # an empty L4: nothing mapped
+    context = contexts.Context()
+    assert windows.XenVcpuWindowsStacker.stack(context, api.open_core(context, path)) is None
 
 
 # --- item 7: ARM sctlr is uint64_t ------------------------------------------------------------
@@ -297,7 +338,7 @@ def test_declared_framework_version_is_the_floor() -> None:
     assert len(declared) >= 4  # two plugins, the layers
     assert set(declared.values()) == {FLOOR}, declared
     setup = (REPO / "setup.cfg").read_text()
-    assert "volatility3>=%d.%d" % FLOOR[:2] in setup.replace(" ", "")
+    assert f"volatility3>={FLOOR[0]}.{FLOOR[1]}" in setup.replace(" ", "")
 
 
 def test_installed_framework_satisfies_the_declared_floor() -> None:
