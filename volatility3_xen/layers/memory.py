@@ -88,11 +88,12 @@ class BaseFile:
         return self.map_region is not None
 
 
-def _location_path(layer: interfaces.layers.DataLayerInterface) -> str | None:
+def source_name(layer: interfaces.layers.DataLayerInterface) -> str:
+    """What messages about ``layer``'s bytes name: the file's path, else the layer's name."""
     location = getattr(layer, "location", None)
     if isinstance(location, str) and location.startswith("file:"):
         return unquote(urlparse(location).path)
-    return None
+    return layer.name
 
 
 def _open_stream(layer: interfaces.layers.DataLayerInterface) -> Any | None:
@@ -116,8 +117,7 @@ def base_file(layer: interfaces.layers.DataLayerInterface) -> BaseFile:
     it cannot mix old and new bytes.
     """
     read, size = _base_reader(layer)
-    path = _location_path(layer)
-    source = path if path is not None else layer.name
+    source = source_name(layer)
     stream = _open_stream(layer)
     if stream is None:
         return BaseFile(read, size, source, None, None)

@@ -18,6 +18,7 @@ from .memory import (
     _report_once,
     base_file,
     refuse,
+    source_name,
 )
 
 vollog = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class XenDumpCoreStacker(interfaces.automagic.StackerLayerInterface):
         except UNREADABLE as exc:
             # A damaged compressed file fails in Volatility's FileLayer (its size is found
             # by decompressing it all): every stacker fails alike, so say it once.
-            _report_once(layer_name, f"cannot be read: {exc}")
+            _report_once(source_name(base), f"cannot be read: {exc}")
             return None
         if not probe.is_xen:
             vollog.log(constants.LOGLEVEL_VVVV, f"{source.source}: not a Xen dump-core")
