@@ -367,6 +367,7 @@ class _Scanner:
         self.run_order: list[np.ndarray] = []  # stream position of each run's first entry
         self.reordered = False  # runs were appended out of stream order (cut runs' tails)
         self.flushed = 0
+        self.page_records_seen = 0  # PAGE_DATA records counted outside record_counts
         self.page_records = 0
         self.entries = 0
         self.with_data = 0
@@ -577,14 +578,30 @@ class _Scanner:
         byteorder = self.scan.libxc_byteorder
         fmt = _prefix(byteorder) + "II"
         limit = self.size if end is None else min(end, self.size)
+        page_data, view = self.page_data, self.view
+        unpack_page = struct.Struct(_prefix(byteorder) + "III").unpack_from
         while True:
+            if view is not None and position + 16 <= limit:
+                # The common case, kept lean (16 Ki records for a 64 GiB guest): a
+                # PAGE_DATA header and its count in one unpack from the mapped file.
+                rtype, length, count = unpack_page(view, position)
+                if rtype == REC_PAGE_DATA:
+                    if not self.page_records_seen:
+                        self.scan.record_counts.setdefault("PAGE_DATA", 0)  # in stream order
+                    self.page_records_seen += 1
+                    page_data(position, length, count, limit)
+                    position += 8 + ((length + 7) & ~7)
+                    continue
             rtype, length, body_at, next_at = self.record_header(position, fmt, limit, "libxc")
             name = LIBXC_RECORD_NAMES.get(rtype, f"{rtype:#x}")
             self.count(name)
             if rtype == REC_END:
                 return next_at, False
             if rtype == REC_PAGE_DATA:
-                self.page_data(position, length, byteorder, limit)
+                count = None
+                if position + 16 <= limit:
+                    count = int.from_bytes(bytes(self.read(position + 8, 4)), byteorder)
+                page_data(position, length, count, limit)
             else:
                 self.other_record()
                 if body_at + length > limit:
@@ -658,25 +675,24 @@ class _Scanner:
 
     # -- PAGE_DATA -------------------------------------------------------------------------
 
-    def page_data(self, position: int, length: int, byteorder: str, limit: int) -> None:
+    def page_data(self, position: int, length: int, count: int | None, limit: int) -> None:
         """Queue one record's pfn array; the numpy work is done per batch (``flush``)."""
-        where = f"PAGE_DATA record at {position:#x}"
         end = min(limit, self.size)
-        if position + 16 > end:
-            raise _Stop(f"{where} is cut short; stopped there")
-        if self.view is not None:
-            count = struct.unpack_from(_prefix(byteorder) + "I", self.view, position + 8)[0]
-        else:
-            count = int.from_bytes(bytes(self.read(position + 8, 4)), byteorder)
+        if count is None or position + 16 > end:
+            raise _Stop(f"PAGE_DATA record at {position:#x} is cut short; stopped there")
         if count == 0:
-            self.warn(f"{where} has no pfns (count 0); skipped")
+            self.warn(f"PAGE_DATA record at {position:#x} has no pfns (count 0); skipped")
             return
         if 8 + 8 * count > length:
-            raise _Stop(f"{where}: {count} pfns do not fit its {length}-byte body; stopped there")
+            raise _Stop(
+                f"PAGE_DATA record at {position:#x}: {count} pfns do not fit its {length}-byte "
+                "body; stopped there"
+            )
         array_at = position + 16
         if array_at + 8 * count > end:
             raise _Stop(
-                f"{where}: the pfn array is cut short by the end of the file; stopped there"
+                f"PAGE_DATA record at {position:#x}: the pfn array is cut short by the end of "
+                "the file; stopped there"
             )
         self.pending.append((self.read(array_at, 8 * count), array_at, position + 8 + length, end))
         self.pending_entries += count
@@ -704,61 +720,57 @@ class _Scanner:
         starts = np.zeros(len(counts), dtype=np.int64)
         np.cumsum(counts[:-1], out=starts[1:])
         n = len(words)
-        types = (words >> np.uint64(60)).astype(np.uint8)
-        by_type = np.bincount(types, minlength=16)
-        has_data = types < TYPE_BROKEN
-        ranks = None  # position among the record's data pages, when some entries have none
-        if by_type[TYPE_BROKEN:].any():
-            running = np.cumsum(has_data, dtype=np.int64)
-            base = running[starts] - has_data[starts]
-            ranks = running - np.repeat(base, counts)  # 1-based within the record
-            ends_at = np.append(starts[1:], n) - 1
-            data_pages = running[ends_at] - running[starts] + has_data[starts]
-        else:
-            data_pages = counts
-        reserved = by_type[5:9].any()
-        if reserved:
-            bad = (types >= 5) & (types <= 8)
-            bad_records = np.unique(np.searchsorted(starts, np.flatnonzero(bad), side="right") - 1)
-            for record in bad_records.tolist():
+        # Runs: a record's first entry, or an entry whose whole word (type bits included)
+        # is not its predecessor's plus one: a pfn that does not follow, or a change of
+        # page type.  A run has one type, so entries with and without data never share one,
+        # and inside a run of data entries the pages follow each other in the file.  Four
+        # passes over the entries; everything else is per run.
+        breaks = np.empty(n, dtype=bool)
+        breaks[0] = True
+        np.not_equal(words[1:], words[:-1] + np.uint64(1), out=breaks[1:])
+        breaks[starts] = True
+        first = np.flatnonzero(breaks)
+        del breaks
+        run_count = np.diff(np.append(first, n))
+        head = words[first]
+        del words
+        run_type = (head >> np.uint64(60)).astype(np.intp)
+        pfns = head & np.uint64(PFN_MASK)
+        record = np.searchsorted(starts, first, side="right") - 1
+        has_data = run_type < TYPE_BROKEN
+        reserved = (run_type >= 5) & (run_type <= 8)
+        if reserved.any():
+            bad_records = np.unique(record[reserved])
+            for number in bad_records.tolist():
                 self.warn(
-                    f"PAGE_DATA record at {int(array_at[record]) - 16:#x} has reserved page types "
-                    "(5-8); its pages are ignored"
+                    f"PAGE_DATA record at {int(array_at[number]) - 16:#x} has reserved page "
+                    "types (5-8); its pages are ignored"
                 )
-            has_data = has_data.copy()
-            for record in bad_records.tolist():
-                has_data[starts[record] : starts[record] + counts[record]] = False
+            has_data = has_data & ~np.isin(record, bad_records)
+        by_type = np.bincount(run_type, weights=run_count, minlength=16).astype(np.int64)
+        # A data run's first page: the data pages of the record's earlier runs.
+        data_runs = np.where(has_data, run_count, 0)
+        before = np.cumsum(data_runs) - data_runs
+        record_first_run = np.searchsorted(record, np.arange(len(counts)))
+        rank = before - before[record_first_run][record]
+        offsets = data_at[record] + (rank << shift)
+        data_pages = np.bincount(record, weights=data_runs, minlength=len(counts)).astype(np.int64)
         short = np.flatnonzero(data_at + (data_pages << shift) > body_end)
-        for record in short.tolist():
+        for number in short.tolist():
             self.warn(
-                f"PAGE_DATA record at {int(array_at[record]) - 16:#x}: "
-                f"{int(data_pages[record])} pages of data do not fit its "
-                f"{int(body_end[record] - array_at[record] + 8)}-byte body"
+                f"PAGE_DATA record at {int(array_at[number]) - 16:#x}: "
+                f"{int(data_pages[number])} pages of data do not fit its "
+                f"{int(body_end[number] - array_at[number] + 8)}-byte body"
             )
         self.page_records += len(counts)
         self.entries += n
         self.with_data += int(data_pages.sum())
         self.by_type += by_type
-        pfns = words & np.uint64(PFN_MASK)
-        del words, types
-        # Runs: a record's first entry, a pfn that does not follow its predecessor, or a
-        # change between entries with and without data.  Inside a run of data entries the
-        # pages follow each other in the file (entries without data take no room).
-        breaks = np.empty(n, dtype=bool)
-        breaks[0] = True
-        np.not_equal(pfns[1:], pfns[:-1] + np.uint64(1), out=breaks[1:])
-        breaks[1:] |= has_data[1:] != has_data[:-1]
-        breaks[starts] = True
-        first = np.flatnonzero(breaks)
-        del breaks
-        record = np.searchsorted(starts, first, side="right") - 1
-        if ranks is None:
-            rank = first - starts[record]
-        else:
-            rank = ranks[first] - 1
-        offsets = data_at[record] + (rank << shift)
-        run_count = np.diff(np.append(first, n))
-        valid = has_data[first]
+        # A run whose pfn would pass the 52-bit limit (the +1 carried into the reserved or
+        # type bits: damage) maps only up to the limit.
+        room = np.uint64(PFN_MASK) - pfns + np.uint64(1)
+        run_count = np.minimum(run_count.astype(np.uint64), room).astype(np.int64)
+        valid = has_data
         # Pages past the end of the record or of the file (an interrupted save) are not
         # there: a run keeps its whole pages and the rest of it becomes invalid.
         whole = np.clip((usable_end[record] - offsets) // page, 0, None)
@@ -769,7 +781,7 @@ class _Scanner:
             extra = np.flatnonzero(cut & (lost > 0))
             run_count = kept
             valid = valid & (kept > 0)
-            first_pfn = pfns[first]
+            first_pfn = pfns
             tail_pfn = first_pfn[extra] + kept[extra].astype(np.uint64)
             self.run_pfn += [first_pfn, tail_pfn]
             self.run_off += [offsets.astype(np.uint64), np.zeros(len(extra), dtype=np.uint64)]
@@ -778,7 +790,7 @@ class _Scanner:
             self.run_order += [first + self.flushed, first[extra] + self.flushed]
             self.reordered = True
         else:
-            self.run_pfn.append(pfns[first])
+            self.run_pfn.append(pfns)
             self.run_off.append(offsets.astype(np.uint64))
             self.run_count.append(run_count.astype(np.uint64))
             self.run_valid.append(valid)
@@ -790,6 +802,9 @@ class _Scanner:
     def finish(self) -> None:
         self.flush()
         scan = self.scan
+        if self.page_records_seen:
+            counts = scan.record_counts
+            counts["PAGE_DATA"] = counts.get("PAGE_DATA", 0) + self.page_records_seen
         if scan.domain is None:
             raise XenFormatError(self.source, "the save image holds no libxc stream")
         duplicates = 0
