@@ -18,14 +18,13 @@ Nothing here imports Volatility.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from functools import cached_property
 from typing import BinaryIO
 
 from . import savestream
-from .dumpcore import Probe, RegionMapper
+from .dumpcore import Probe, RegionMapper, file_region_mapper
 from .errors import XenFormatError
 from .image import GUEST_PV, GuestMemoryImage
 from .pagemap import Runs
@@ -78,15 +77,6 @@ def probe_save_image(read: Reader, file_size: int) -> Probe:
     except XenFormatError as exc:
         return Probe(True, exc.message)
     return Probe(True)
-
-
-def whole_file_mapper(path: str | os.PathLike[str]) -> memoryview | None:
-    """The whole file mapped read-only (None when it cannot be: empty, a pipe, ...)."""
-    try:
-        with open(path, "rb") as handle:
-            return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
-    except (OSError, ValueError):
-        return None
 
 
 class XenSaveImage(GuestMemoryImage):
@@ -152,13 +142,7 @@ class XenSaveImage(GuestMemoryImage):
             handle.seek(offset)
             return handle.read(length)
 
-        def map_region(offset: int, length: int) -> memoryview:
-            view = whole_file_mapper(path)
-            if view is None:
-                raise ValueError("not mappable")
-            return view[offset : offset + length]
-
-        return cls(read, size, name=os.fspath(path), map_region=map_region)
+        return cls(read, size, name=os.fspath(path), map_region=file_region_mapper(path))
 
     def _why_no_pages(self) -> str:
         stats = self.scan.page_stats
