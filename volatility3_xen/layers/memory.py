@@ -12,6 +12,7 @@ The layer publishes no ``os``/``architecture`` metadata, so OS detection still r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
@@ -21,7 +22,7 @@ import urllib.response
 import zlib
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
@@ -154,6 +155,7 @@ _WINDOWS_FILES = 2
 _WINDOW_COUNT = 8
 #: Bytes kept in front of a far-forward read of a decompressed stream.
 READ_BEHIND = 8 << 20
+_WINDOW_BYTES = 2 * READ_BEHIND + (2 << 20)
 
 
 def _windowed_reader(read: Reader, size: int, identity: FileIdentity) -> Reader:
@@ -166,7 +168,8 @@ def _windowed_reader(read: Reader, size: int, identity: FileIdentity) -> Reader:
     the same file, so Volatility's second construction reads nothing again), and a
     far-forward read also keeps up to ``READ_BEHIND`` bytes before it, which the
     decompressor produced anyway: the page table, stored just before the string table,
-    is then read from memory.  Memory stays bounded by ``_WINDOW_COUNT`` windows.
+    is then read from memory.  Memory stays bounded: at most ``_WINDOW_COUNT`` windows of
+    together ``_WINDOW_BYTES`` per file, for ``_WINDOWS_FILES`` files.
     """
     windows = _WINDOWS.pop(identity, [])
     if len(_WINDOWS) >= _WINDOWS_FILES:
@@ -186,13 +189,29 @@ def _windowed_reader(read: Reader, size: int, identity: FileIdentity) -> Reader:
         start = max(position, offset - READ_BEHIND) if offset > position else offset
         data = read(start, end - start)
         position = start + len(data)
-        if len(windows) >= _WINDOW_COUNT:
-            windows.pop(0)
-        if len(data) <= READ_BEHIND + (1 << 20):
+        if len(data) <= _WINDOW_BYTES // 2:
             windows.append((start, data))
+            while len(windows) > _WINDOW_COUNT or sum(len(w) for _, w in windows) > _WINDOW_BYTES:
+                windows.pop(0)
         return data[offset - start :]
 
     return windowed
+
+
+def stackable_base(
+    context: interfaces.context.ContextInterface, layer_name: str
+) -> BaseFile | None:
+    """``base_file`` of the layer a Xen stacker was offered, or None when it is not for a
+    Xen stacker: one of our own layers, or bytes that cannot be read (a damaged compressed
+    file: said once, at warning level, since every stacker fails on it alike)."""
+    base = context.layers[layer_name]
+    if isinstance(base, (XenGuestLayer, XenMachineLayer, XenRefusedLayer)):
+        return None
+    try:
+        return base_file(base)
+    except UNREADABLE as exc:
+        _report_once(source_name(base), f"cannot be read: {exc}")
+        return None
 
 
 def _descriptor_mapper(fileno: int, device: int, inode: int) -> RegionMapper:
@@ -350,6 +369,31 @@ class XenGuestLayer(_RunMappedLayer):
     _image: GuestMemoryImage
     _source: str
 
+    def _open_base(self) -> BaseFile:
+        """Bind the ``base_layer`` requirement and describe its bytes (``base_file``);
+        subclasses call this first.  An unreadable base raises ``XenCoreFormatException``."""
+        self._base_layer = self._target_layer = self.config["base_layer"]
+        self._source = self._base_layer
+        with self._parsing():
+            base = base_file(self.context.layers[self._base_layer])
+        self._source = base.source
+        return base
+
+    @contextlib.contextmanager
+    def _parsing(self) -> Iterator[None]:
+        """Turns what parsing the base's bytes can raise (the format readers' errors, a
+        decompressor's) into one-line ``XenCoreFormatException``s."""
+        try:
+            yield
+        except XenCoreFormatException:
+            raise
+        except XenFormatError as exc:
+            raise XenCoreFormatException.from_format_error(self.name, exc) from exc
+        except UNREADABLE as exc:
+            raise XenCoreFormatException(
+                self.name, f"{self._source} cannot be read: {exc}"
+            ) from exc
+
     def _install(self, image: GuestMemoryImage) -> None:
         self._image = image
         self._set_runs(image.page_runs(), image.page_shift, value_shift=0)
@@ -422,24 +466,14 @@ class XenDumpCoreLayer(XenGuestLayer):
         metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(context=context, config_path=config_path, name=name, metadata=metadata)
-        self._base_layer = self.config["base_layer"]
-        self._target_layer = self._base_layer
-        try:
-            base = base_file(context.layers[self._base_layer])
-        except UNREADABLE as exc:
-            raise XenCoreFormatException(name, f"{self._base_layer} cannot be read: {exc}") from exc
+        base = self._open_base()
         identity = base.identity
-        self._source = base.source
         cached = _PAGE_MAP_CACHE.get(identity) if identity else None
-        try:
+        with self._parsing():
             core = XenDumpCore(base.read, base.size, name=self._source, map_region=base.map_region)
             if cached is not None:
                 core.adopt_page_map(cached)
             page_map = core.page_map
-        except XenFormatError as exc:
-            raise XenCoreFormatException.from_format_error(name, exc) from exc
-        except UNREADABLE as exc:
-            raise XenCoreFormatException(name, f"{self._source} cannot be read: {exc}") from exc
         if identity and cached is None:
             if len(_PAGE_MAP_CACHE) >= _PAGE_MAP_CACHE_SIZE:
                 _PAGE_MAP_CACHE.pop(next(iter(_PAGE_MAP_CACHE)))

@@ -9,17 +9,7 @@ from volatility3.framework import constants, interfaces
 
 from ..formats.dumpcore import Probe, probe_xen_core
 from ..formats.errors import XenFormatError
-from .memory import (
-    UNREADABLE,
-    XenDumpCoreLayer,
-    XenGuestLayer,
-    XenMachineLayer,
-    XenRefusedLayer,
-    _report_once,
-    base_file,
-    refuse,
-    source_name,
-)
+from .memory import UNREADABLE, XenDumpCoreLayer, _report_once, refuse, stackable_base
 
 vollog = logging.getLogger(__name__)
 
@@ -43,16 +33,13 @@ class XenDumpCoreStacker(interfaces.automagic.StackerLayerInterface):
         layer_name: str,
         progress_callback: constants.ProgressCallback = None,
     ) -> interfaces.layers.DataLayerInterface | None:
-        base = context.layers[layer_name]
-        if isinstance(base, (XenGuestLayer, XenMachineLayer, XenRefusedLayer)):
+        source = stackable_base(context, layer_name)
+        if source is None:
             return None
         try:
-            source = base_file(base)
             probe: Probe = probe_xen_core(source.read, source.size)
         except UNREADABLE as exc:
-            # A damaged compressed file fails in Volatility's FileLayer (its size is found
-            # by decompressing it all): every stacker fails alike, so say it once.
-            _report_once(source_name(base), f"cannot be read: {exc}")
+            _report_once(source.source, f"cannot be read: {exc}")
             return None
         if not probe.is_xen:
             vollog.log(constants.LOGLEVEL_VVVV, f"{source.source}: not a Xen dump-core")
