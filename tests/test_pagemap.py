@@ -92,8 +92,13 @@ def tables(seed: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
 
 @pytest.mark.parametrize("chunk", [1, 3, 16, 1 << 18])
 @pytest.mark.parametrize("seed", [1, 2])
-def test_page_map_equals_reference(monkeypatch, chunk: int, seed: int) -> None:
+@pytest.mark.parametrize("few_breaks", [True, False])
+def test_page_map_equals_reference(monkeypatch, chunk: int, seed: int, few_breaks: bool) -> None:
+    """Both ways of cutting runs: at break positions held in memory (few breaks, a libxc
+    table) and by chunked passes that hold none (many breaks: forced here)."""
     monkeypatch.setattr(pagemap, "CHUNK_ENTRIES", chunk)
+    if not few_breaks:
+        monkeypatch.setattr(pagemap, "_break_limit", lambda length: 2)
     for pfns, gmfns in tables(seed):
         page_map = PageMap(pfns, gmfns, MAX_PFN)
         expected = reference_map(pfns.tolist(), None if gmfns is None else gmfns.tolist())
@@ -159,6 +164,16 @@ def test_runs_from_pairs_equals_a_dict(monkeypatch, chunk: int, keep: str) -> No
         assert expand(runs, step) == reference
         assert maximal(runs, step)
         assert duplicates == length - len(reference)
+
+
+def test_empty_and_single_entry_maps() -> None:
+    empty = np.zeros(0, dtype=np.uint64)
+    assert len(pagemap.Runs.from_sorted(empty)) == 0
+    assert len(pagemap.runs_from_pairs(empty)[0]) == 0
+    one = PageMap(np.array([5], np.uint64), np.array([9], np.uint64), MAX_PFN)
+    assert (one.page_index(5), one.pfn_to_mfn(5), one.mfn_to_pfn(9)) == (0, 9, 5)
+    none = PageMap(np.array([5], np.uint64), np.array([INVALID], np.uint64), MAX_PFN)
+    assert none.stats.valid == 0 and len(none.m2p_runs) == 0
 
 
 def test_m2p_packing_never_joins_across_a_pfn_wrap() -> None:

@@ -63,10 +63,21 @@ class Runs:
         """Coalesce parallel arrays sorted by ``keys`` into runs where both advance by one.
 
         ``values`` None means value ``i`` is ``i`` (the identity: a table stored in pfn
-        order), which never breaks a run.  ``key_breaks`` is accepted for compatibility
-        and not needed: breaks are found chunk by chunk.
+        order), which never breaks a run.  ``key_breaks``, if the caller has it, holds the
+        positions ``i`` where ``keys[i + 1] != keys[i] + 1``.  When breaks are few (a
+        libxc table has a handful) the runs are cut at them directly; otherwise chunked
+        passes find them again without holding them.
         """
-        del key_breaks
+        if len(keys) == 0:
+            return cls(array("Q"), array("Q"), array("Q"))
+        limit = _break_limit(len(keys))
+        if key_breaks is None:
+            key_breaks = _breaks(keys, limit)
+        if key_breaks is not None and values is not None:
+            value_breaks = _breaks(values, limit)
+            key_breaks = None if value_breaks is None else np.union1d(key_breaks, value_breaks)
+        if key_breaks is not None and len(key_breaks) <= limit:
+            return _runs_at(keys, values, key_breaks)
 
         def continues(start: int, stop: int) -> np.ndarray:
             flags = _steps_equal(keys, start, stop, 1)
@@ -125,14 +136,31 @@ def _steps_equal(values: np.ndarray, start: int, stop: int, step: int) -> np.nda
     return flags
 
 
+def _break_limit(length: int) -> int:
+    """Most break positions held at once (an eighth of the table's size in memory)."""
+    return max(1 << 16, length // 64)
+
+
+def _breaks(values: np.ndarray, limit: int | None = None, step: int = 1) -> np.ndarray | None:
+    """Positions ``i`` where ``values[i + 1] != values[i] + step``, or None as soon as
+    there are more than ``limit`` (the caller then goes the chunked way)."""
+    found, total = [], 0
+    for start, stop in _chunks(len(values)):
+        hits = np.flatnonzero(~_steps_equal(values, start, stop, step)[(start == 0) :])
+        if len(hits):
+            total += len(hits)
+            if limit is not None and total > limit:
+                return None
+            found.append(hits + max(start, 1) - 1)
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.intp)
+
+
 def step_breaks(values: np.ndarray) -> np.ndarray:
     """Positions ``i`` where ``values[i + 1] != values[i] + 1`` (uint64 wrap-around makes a
     step down a break too)."""
-    found = [
-        np.flatnonzero(~_steps_equal(values, start, stop, 1)[(start == 0) :]) + max(start, 1) - 1
-        for start, stop in _chunks(len(values))
-    ]
-    return np.concatenate(found) if found else np.zeros(0, dtype=np.intp)
+    found = _breaks(values)
+    assert found is not None
+    return found
 
 
 def _zeros_q(length: int) -> tuple[array, np.ndarray]:
@@ -163,14 +191,47 @@ def _coalesce(
         int(stop - start - np.count_nonzero(continues(start, stop)))
         for start, stop in _chunks(length)
     )
-    value_column, values = _zeros_q(total)
     count_column, counts = _zeros_q(total)
     written = 0
     for start, stop in _chunks(length):
         starts = np.flatnonzero(~continues(start, stop)) + start
-        values[written : written + len(starts)] = value_of(starts)
         counts[written : written + len(starts)] = starts
         written += len(starts)
+    return _fill_runs(count_column, length, key_of, value_of, key_column)
+
+
+def _starts_at(breaks: np.ndarray) -> array:
+    """Run start positions for runs cut after each position in ``breaks``."""
+    count_column, counts = _zeros_q(len(breaks) + 1)
+    np.add(breaks, 1, out=counts[1:], casting="unsafe")
+    return count_column
+
+
+def _runs_at(keys: np.ndarray, values: np.ndarray | None, breaks: np.ndarray) -> Runs:
+    """Runs of sorted ``keys`` (and ``values``, None: the position) cut after each
+    position in ``breaks`` (sorted, unique)."""
+
+    def value_of(starts: np.ndarray) -> np.ndarray:
+        return starts.astype(np.uint64) if values is None else values[starts]
+
+    return _fill_runs(_starts_at(breaks), len(keys), lambda starts: keys[starts], value_of)
+
+
+def _fill_runs(
+    count_column: array,
+    length: int,
+    key_of: Callable[[np.ndarray], np.ndarray],
+    value_of: Callable[[np.ndarray], np.ndarray],
+    key_column: array | None = None,
+) -> Runs:
+    """Runs whose start positions (in ``length`` sorted entries) ``count_column`` holds:
+    values, then keys (into ``key_column`` when given, see ``_coalesce``), then the start
+    positions turned into counts in place; all in chunks."""
+    total = len(count_column)
+    counts = np.frombuffer(count_column, dtype=np.uint64) if total else np.zeros(0, np.uint64)
+    value_column, values = _zeros_q(total)
+    for start, stop in _chunks(total):
+        values[start:stop] = value_of(counts[start:stop].astype(np.intp))
     if key_column is None:
         key_column, keys = _zeros_q(total)
     else:
@@ -219,6 +280,9 @@ def _dedup_packed(packed: np.ndarray, shift: int, keep: Keep) -> int:
             keep_flags = chunk_keys != neighbour
             if stop == length:
                 keep_flags[-1] = True
+        if written == start and keep_flags.all():
+            written = stop  # nothing dropped so far: the chunk is already in place
+            continue
         kept = packed[start:stop][keep_flags]
         packed[written : written + len(kept)] = kept
         written += len(kept)
@@ -265,8 +329,14 @@ def _packed_runs(
     def key_of(starts: np.ndarray) -> np.ndarray:
         return packed[starts] >> shift_
 
-    runs = _coalesce(kept, continues, key_of, low_of, key_column=column)
-    packed = None  # the last view of ``column``: it can shrink to the run count now
+    breaks = None
+    if value_of is None and kept:  # a map in a few long runs: cut at its breaks in one pass
+        breaks = _breaks(packed, _break_limit(kept), (1 << shift) + 1)
+    if breaks is not None:
+        runs = _fill_runs(_starts_at(breaks), kept, key_of, low_of, key_column=column)
+    else:
+        runs = _coalesce(kept, continues, key_of, low_of, key_column=column)
+    packed = breaks = None  # the last view of ``column``: it can shrink to the run count now
     del column[len(runs.value) :]
     return runs, length - kept
 
@@ -277,7 +347,8 @@ def runs_from_pairs(
     keep: Keep = "first",
     value_step: int = 1,
 ) -> tuple[Runs, int]:
-    """``Runs`` from unsorted ``(keys[i], values[i])`` pairs; returns ``(runs, duplicates)``.
+    """``Runs`` from unsorted ``(keys[i], values[i])`` pairs of non-negative integers;
+    returns ``(runs, duplicates)``.
 
     A key given more than once maps to the value of its first pair (``keep='first'``) or of
     its last (``keep='last'``, e.g. a page sent twice in a migration stream).  ``values``
@@ -288,6 +359,9 @@ def runs_from_pairs(
     do for any real table) and sorted in place; otherwise a stable argsort.  Peak memory is
     about one packed array plus the three run columns.
     """
+    keys = np.asarray(keys).astype(np.uint64, copy=False)
+    if values is not None:
+        values = np.asarray(values).astype(np.uint64, copy=False)
     length = len(keys)
     if values is not None and len(values) != length:
         raise ValueError("keys and values differ in length")
@@ -399,9 +473,19 @@ class PageMap:
         self.warnings: list[str] = []
         entries = len(pfns)
         max_mfn = max_pfn if max_mfn is None else min(max_mfn, int(INVALID))
+        # The machine frame of every stored page, by page index (PV only), in our own
+        # copy (the raw table can be freed) with unusable frames set to the sentinel; the
+        # same pass finds the ~0 frames.
+        self._gmfn_by_index: np.ndarray | None = None
+        self._mfn_sentinel = self._highest_mfn = 0
+        no_frame = None
+        if gmfns is not None:
+            self._gmfn_by_index, no_frame = self._machine_frames(gmfns, max_mfn)
         # One pass finds every unusable entry (~0 padding is >= max_pfn too); only those,
         # usually a handful, are then told apart.
-        bad = unusable_entries(pfns, gmfns, max_pfn)
+        bad = unusable_entries(pfns, None, max_pfn)
+        if no_frame is not None and len(no_frame):
+            bad = np.union1d(bad, no_frame)
         is_padding = pfns[bad] == INVALID
         if gmfns is not None:
             is_padding |= gmfns[bad] == INVALID
@@ -417,12 +501,6 @@ class PageMap:
             self.warnings.append(
                 "padding entries (~0) found inside the table, not only at its end; they are skipped"
             )
-        # The machine frame of every stored page, by page index (PV only), in our own
-        # copy (the raw table can be freed) with unusable frames set to the sentinel.
-        self._gmfn_by_index: np.ndarray | None = None
-        self._mfn_sentinel = self._highest_mfn = 0
-        if gmfns is not None:
-            self._gmfn_by_index = self._machine_frames(gmfns, max_mfn)
         idx_valid: np.ndarray | None
         if len(bad) == 0 or (not beyond and bad[0] == entries - len(bad)):
             # libxc's layout: every entry valid except ~0 padding at the end.  Slices, not
@@ -436,10 +514,16 @@ class PageMap:
             pfn_valid = pfns[keep]
             del keep
 
-        is_sorted = _strictly_increasing(pfn_valid)
+        # Runs of consecutive pfns are always ascending: with few breaks, the table is
+        # sorted iff every step between runs goes up (pfns < max_pfn: "+1" never wraps).
+        breaks = _breaks(pfn_valid, _break_limit(len(pfn_valid)))
+        if breaks is not None:
+            is_sorted = bool(np.all(pfn_valid[breaks + 1] > pfn_valid[breaks]))
+        else:
+            is_sorted = _strictly_increasing(pfn_valid)
         duplicates = 0
         if is_sorted:
-            self.pfn_runs = Runs.from_sorted(pfn_valid, idx_valid)
+            self.pfn_runs = Runs.from_sorted(pfn_valid, idx_valid, breaks)
         else:
             self.pfn_runs, duplicates = runs_from_pairs(pfn_valid, idx_valid, keep="first")
             if duplicates:
@@ -450,7 +534,7 @@ class PageMap:
             else:
                 self.warnings.append("the page table is not sorted by pfn; sorted it in memory")
         valid = len(pfn_valid) - duplicates
-        del idx_valid, pfn_valid
+        del idx_valid, pfn_valid, breaks
         self._m2p: Runs | None = None
         runs = self.pfn_runs
         self.stats = TableStats(
@@ -465,25 +549,30 @@ class PageMap:
             highest_pfn=runs.key[-1] + runs.count[-1] - 1 if len(runs) else None,
         )
 
-    def _machine_frames(self, gmfns: np.ndarray, max_mfn: int) -> np.ndarray:
-        """A copy of the gmfn column, ``uint32`` when every usable frame fits, with the
-        frames that are no guest frame (flagged, beyond ``max_mfn``, ``~0``) replaced by
-        ``self._mfn_sentinel``; warns about the flagged and out-of-range ones.  One pass
-        (a second, in ``uint64``, only when a usable frame needs more than 32 bits)."""
+    def _machine_frames(self, gmfns: np.ndarray, max_mfn: int) -> tuple[np.ndarray, ...]:
+        """(frames, positions of ``~0`` frames).  Frames: a copy of the gmfn column,
+        ``uint32`` when every usable frame fits, with the frames that are no guest frame
+        (flagged, beyond ``max_mfn``, ``~0``) replaced by ``self._mfn_sentinel``; warns
+        about the flagged and out-of-range ones.  One pass (a second, in ``uint64``, only
+        when a usable frame needs more than 32 bits)."""
         limit = np.uint64(max_mfn)
         for dtype in (np.uint32, np.uint64):
             sentinel = np.iinfo(dtype).max
             result = np.empty(len(gmfns), dtype=dtype)
             flagged = beyond = highest = 0
+            no_frame = []
             for start, stop in _chunks(len(gmfns)):
                 chunk = gmfns[start:stop]
                 unusable = chunk >= limit
                 if unusable.any():
-                    odd = chunk[unusable]
+                    at = np.flatnonzero(unusable)
+                    odd = chunk[at]
+                    invalid = odd == INVALID
+                    no_frame.append(at[invalid] + start)
                     marked = (odd & np.uint64(FOREIGN_FRAME_BIT | IDENTITY_FRAME_BIT)) != 0
-                    marked &= odd != INVALID
+                    marked &= ~invalid
                     flagged += int(np.count_nonzero(marked))
-                    beyond += int(np.count_nonzero(odd != INVALID)) - int(np.count_nonzero(marked))
+                    beyond += len(odd) - int(np.count_nonzero(invalid | marked))
                     usable = chunk[~unusable]
                 else:
                     usable = chunk
@@ -491,8 +580,9 @@ class PageMap:
                     highest = max(highest, int(usable.max()))
                 if highest >= sentinel:
                     break
-                result[start:stop] = chunk.astype(dtype, casting="unsafe")
-                result[start:stop][unusable] = sentinel
+                result[start:stop] = chunk
+                if len(usable) < len(chunk):
+                    result[start:stop][unusable] = sentinel
             else:
                 break
         self._mfn_sentinel, self._highest_mfn = int(sentinel), highest
@@ -508,7 +598,7 @@ class PageMap:
                 f"limit (mfn >= {max_mfn:#x}); those pfns keep their pages but have no "
                 "machine frame"
             )
-        return result
+        return result, (np.concatenate(no_frame) if no_frame else np.zeros(0, np.intp))
 
     # -- pseudo-physical -------------------------------------------------------------------
 
