@@ -86,7 +86,8 @@ def render(run: Run) -> str:
         f"Machine: {machine['cpu']}, {machine['cores']} cores, Linux {machine['kernel']}; "
         f"Python {machine['python']}, numpy {machine['numpy']}, volatility3 "
         f"{machine['volatility3']}, libkdumpfile {machine['libkdumpfile']}; "
-        f"commit {machine['commit']}.",
+        f"commit {machine['commit']}; load average at the start "
+        f"{machine.get('load_average', '?')} (1/5/15 min; other work shares the machine).",
         "",
         "Ratios are same-run: each figure was measured beside its baseline. Opens are medians "
         f"of {run['settings']['open_reps']}; reads are the best of {run['settings']['rounds']} "

@@ -122,6 +122,7 @@ def machine() -> dict[str, str]:
         "volatility3": vol_constants.PACKAGE_VERSION,
         "libkdumpfile": output(["dpkg-query", "-W", "-f", "${Version}", "python3-libkdumpfile"]),
         "commit": commit,
+        "load_average": " / ".join(f"{load:.1f}" for load in os.getloadavg()),
     }
 
 
