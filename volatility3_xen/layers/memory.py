@@ -549,7 +549,8 @@ def refuse(
 class XenMachineLayer(_RunMappedLayer):
     """Machine addresses of a PV guest, mapped onto its ``XenDumpCoreLayer``.
 
-    Machine frames the guest does not own (Xen's, other domains') are invalid.  For an
+    Machine frames the guest does not own (Xen's, other domains') are invalid, and so are
+    frames whose byte address would wrap past 2^64 (a warning says how many).  For an
     auto-translated (HVM/PVH) guest machine and pseudo-physical addresses coincide, as
     libkdumpfile's MACHPHYSADDR does.
     """
@@ -571,10 +572,18 @@ class XenMachineLayer(_RunMappedLayer):
             raise XenCoreFormatException(name, f"{self._target_layer} is not a Xen guest layer")
         frames = xen_layer.machine_frames
         runs = frames.m2p_runs if frames is not None else _identity_runs(xen_layer.image)
-        self._set_runs(runs, xen_layer.image.page_shift)
+        shift = xen_layer.image.page_shift
+        runs, dropped = _runs_below(runs, 1 << (64 - shift))
+        self._set_runs(runs, shift)
         # Building the reverse map may have found shared machine frames: say so now.
         for warning in frames.warnings if frames is not None else ():
             _report_once(xen_layer.source, warning)
+        if dropped:
+            _report_once(
+                xen_layer.source,
+                f"{dropped} machine frames lie beyond the 64-bit machine address space "
+                f"(mfn >= {1 << (64 - shift):#x}); the machine layer leaves them out",
+            )
 
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
@@ -584,6 +593,25 @@ class XenMachineLayer(_RunMappedLayer):
 def _identity_runs(image: GuestMemoryImage) -> Runs:
     runs = image.page_runs()
     return Runs(runs.key, runs.key, runs.count)
+
+
+def _runs_below(runs: Runs, limit: int) -> tuple[Runs, int]:
+    """``runs`` cut at key ``limit`` (frames whose byte address would wrap around 2^64
+    when shifted), and how many frames were cut; ``runs`` itself when none are."""
+    keys, values, counts = (
+        np.frombuffer(column, dtype=np.uint64) for column in (runs.key, runs.value, runs.count)
+    )
+    bound = np.uint64(limit)
+    # keys < bound and counts <= bound - keys, without overflowing key + count.
+    keep = keys < bound
+    room = np.where(keep, bound - np.minimum(keys, bound), np.uint64(0))
+    if bool(np.all(keep)) and bool(np.all(counts <= room)):
+        return runs, 0
+    clipped = np.minimum(counts, room)[keep]
+    # Counts add up to at most the table's entry count: no overflow.
+    dropped = int((counts[keep] - clipped).sum()) + int(counts[~keep].sum())
+    kept = Runs(uint64_array(keys[keep]), uint64_array(values[keep]), uint64_array(clipped))
+    return kept, dropped
 
 
 def find_xen_layer(
