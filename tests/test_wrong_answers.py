@@ -171,13 +171,23 @@ def test_file_replaced_after_open_is_read_whole(tmp_path: Path) -> None:
 def test_descriptor_mapper_refuses_another_file(tmp_path: Path) -> None:
     path = tmp_path / "guest.core"
     random_core(path, seed=14, pages=16)
+    other = tmp_path / "other.bin"
+    other.write_bytes(bytes(1 << 16))
     _, base = file_layer(path)
     source = memory.base_file(base)
     assert source.map_region is not None and bytes(source.map_region(0, 4)) == b"\x7fELF"
+    fileno = base._file.fileno()
     base.destroy()
-    with open(path, "rb") as handle:  # noqa: F841 - may reuse the descriptor number
-        with pytest.raises((OSError, ValueError)):
+    with pytest.raises(OSError):  # closed
+        source.map_region(0, 4)
+    replacement = os.open(other, os.O_RDONLY)
+    try:
+        os.dup2(replacement, fileno)  # the number now names another file
+        with pytest.raises(OSError, match="no longer names"):
             source.map_region(0, 4)
+    finally:
+        os.close(fileno)
+        os.close(replacement)
 
 
 def test_windowed_reader_serves_the_table_without_another_pass(tmp_path: Path) -> None:
