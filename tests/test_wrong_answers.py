@@ -402,6 +402,25 @@ def test_unsupported_kernel_class_is_refused(
     assert refused.metadata.get("architecture") not in ("Intel32", "Intel64")
 
 
+def test_pv_layer_that_cannot_be_built_is_refused(
+    crafted64, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception while converting or verifying used to escape the stacker, and
+    Volatility, which swallows it, then ran its own Linux stackers."""
+    context, _ = file_layer(crafted64.path)
+    xen_on(context, "file")
+    _with_routes(monkeypatch, _FakeRoute(intel.Intel32e, L4 << 12), pv.KernelProbe(0, b""))
+
+    def broken(context, layer, tables):  # noqa: ANN001, ANN202
+        raise ValueError("symbol table unreadable")
+
+    monkeypatch.setattr(pv, "_kernel_probe", broken)
+    refused = pv.XenPVLinuxIntelStacker.stack(context, "xen")
+    assert isinstance(refused, memory.XenRefusedLayer)
+    assert "XenPVLinuxIntel32e via" in refused.reason
+    assert "failed: symbol table unreadable" in refused.reason and "\n" not in refused.reason
+
+
 def test_pseudo_physical_pv_image_keeps_the_stock_layer(tmp_path: Path) -> None:
     """The guard is machine frames, not PV: an HVM (or PV save) layer is not ours to take."""
     path = tmp_path / "hvm.core"

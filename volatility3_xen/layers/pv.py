@@ -367,6 +367,7 @@ class XenPVLinuxIntelStacker(interfaces.automagic.StackerLayerInterface):
         routes = (linux_automagic.LinuxIntelVMCOREINFOStacker, linux_automagic.LinuxIntelStacker)
         unverified: tuple[XenPVMixin, str] | None = None
         unsupported: list[str] = []
+        failed: list[str] = []
         for route in sorted(routes, key=lambda stacker: stacker.stack_order):
             tables_before = set(context.symbol_space)
             try:
@@ -381,9 +382,14 @@ class XenPVLinuxIntelStacker(interfaces.automagic.StackerLayerInterface):
                 vollog.info(f"Xen PV: {route.__name__} built {type(stock).__name__}; unsupported")
                 unsupported.append(f"{route.__name__} found a {type(stock).__name__} kernel")
                 continue
-            layer = pv_class(context, stock.config_path, stock.name, metadata={"os": "Linux"})
-            probe = _kernel_probe(context, layer, set(context.symbol_space) - tables_before)
-            verified = cls._verified(context, layer, probe, roots)
+            try:
+                layer = pv_class(context, stock.config_path, stock.name, metadata={"os": "Linux"})
+                probe = _kernel_probe(context, layer, set(context.symbol_space) - tables_before)
+                verified = cls._verified(context, layer, probe, roots)
+            except Exception as exc:  # noqa: BLE001 - the next route may do better
+                vollog.log(constants.LOGLEVEL_VVV, f"Xen PV via {route.__name__}", exc_info=True)
+                failed.append(f"{pv_class.__name__} via {route.__name__} failed: {exc}")
+                continue
             if verified is not None:
                 vollog.debug(f"Xen PV: {type(verified).__name__} stacked via {route.__name__}")
                 return verified
@@ -397,11 +403,12 @@ class XenPVLinuxIntelStacker(interfaces.automagic.StackerLayerInterface):
             )
             return layer
         if unsupported:
-            reason = (
-                f"Xen PV: {'; '.join(unsupported)}, which the PV walk does not support "
-                f"(4-level x86_64 and 32-bit PAE only)"
+            failed.append(
+                f"{'; '.join(unsupported)}, which the PV walk does not support (4-level x86_64 "
+                f"and 32-bit PAE only)"
             )
-            return refuse(context, layer_name, xen_layer.source, reason)
+        if failed:
+            return refuse(context, layer_name, xen_layer.source, f"Xen PV: {'; '.join(failed)}")
         return None
 
     @staticmethod
