@@ -66,6 +66,7 @@ _FOREIGN = np.uint64(1 << 63)
 _IDENTITY = np.uint64(1 << 62)
 _UPPER_HALF = 0xFFFF_0000_0000_0000
 _EXAMPLES = 5
+_ANCHOR_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -392,18 +393,25 @@ class _Recoverer:
                 continue
             self.tested.add(base)
             self.result.ranges_tested += 1
-            count = min(ENTRIES, self.pages - base)
-            data = self.read(base << PAGE_SHIFT, count * PAGE_SIZE)
-            if len(data) != count * PAGE_SIZE:
+            hits = []
+            # 64 pages (256 KiB) per read: a bounded buffer, still one call per 64 pages.
+            for first in range(base, min(base + ENTRIES, self.pages), _ANCHOR_BLOCK):
+                count = min(_ANCHOR_BLOCK, base + ENTRIES - first, self.pages - first)
+                data = self.read(first << PAGE_SHIFT, count * PAGE_SIZE)
+                if len(data) != count * PAGE_SIZE:
+                    break
+                block = np.frombuffer(data, dtype="<u8").reshape(count, ENTRIES)
+                rows = np.arange(count)
+                diagonal = block[rows, rows + (first - base)]
+                found = np.flatnonzero(
+                    ((diagonal & _PRESENT) != 0) & ((diagonal & _FRAME_MASK) >> _U12 == mfn)
+                )
+                hits += [(first - base + int(k), block[k].copy()) for k in found[:2]]
+                if len(hits) > 1:
+                    break
+            if len(hits) != 1 or not _l1_shaped(hits[0][1]):
                 continue
-            block = np.frombuffer(data, dtype="<u8").reshape(count, ENTRIES)
-            diagonal = block[np.arange(count), np.arange(count)]
-            hits = np.flatnonzero(
-                ((diagonal & _PRESENT) != 0) & ((diagonal & _FRAME_MASK) >> _U12 == mfn)
-            )
-            if len(hits) != 1 or not _l1_shaped(block[hits[0]]):
-                continue
-            pfn = base + int(hits[0])
+            pfn = base + hits[0][0]
             if self.merge(np.array([pfn]), np.array([mfn]), "the anchor"):
                 self.result.anchors.append((pfn, mfn))
                 return True

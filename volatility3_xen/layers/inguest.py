@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from volatility3 import framework
-from volatility3.framework import constants, exceptions, interfaces
+from volatility3.framework import constants, exceptions, interfaces, layers
 from volatility3.framework.automagic import stacker as stacker_module
 from volatility3.framework.automagic import symbol_cache
 from volatility3.framework.configuration import requirements
@@ -415,6 +415,7 @@ def open_inguest(
     file_name = context.layers.free_layer_name("XenInGuestFile")
     context.config[_path_join(file_name, "location")] = url
     context.layers.add_layer(physical.FileLayer(context, file_name, file_name))
+    framework.import_files(layers, True)  # the file-format stackers (LiME, ELF, AVML, ...)
     formats = sorted(
         (
             candidate
