@@ -190,8 +190,13 @@ class _Recoverer:
         self.p2m = np.full(self.pages, INVALID, dtype=np.uint64)
         self.bad_pfn = np.zeros(self.pages, dtype=bool)
         self.bad_mfns = np.zeros(0, dtype=np.uint64)
-        self._sorted: tuple[np.ndarray, np.ndarray] | None = None
+        self._sorted: np.ndarray | None = None
+        self.pfn_bits = max(1, self.pages.bit_length())
+        if self.pfn_bits + 40 > 64:
+            raise XenFormatError(name, f"an image of {self.pages} pages is beyond this reader")
         self.harvested: set[tuple[int, int]] = set()
+        # Page-table pairs merged per step: an eighth of the image (at least 16 tables).
+        self.batch = max(16 * ENTRIES, self.pages // 8)
         self.unresolved: dict[int, int] = {}  # base pfn -> L1 mfn not yet resolved
         self.tested: set[int] = set()
         self.direct = direct_map_base(read, layout)
@@ -220,19 +225,28 @@ class _Recoverer:
     # -- the map -----------------------------------------------------------------------
 
     def resolve(self, mfns: np.ndarray) -> np.ndarray:
-        """pfn of each mfn (``INVALID`` where unknown)."""
+        """pfn of each mfn (``INVALID`` where unknown).
+
+        The reverse index is one sorted ``uint64`` per pair, ``mfn << bits | pfn`` (pfns
+        are below the image's page count, mfns below 2^40), rebuilt after a merge."""
         if self._sorted is None:
-            known = np.flatnonzero(self.p2m != INVALID).astype(np.uint64)
-            order = np.argsort(self.p2m[known], kind="stable")
-            self._sorted = (self.p2m[known][order], known[order])
-        keys, values = self._sorted
+            known = np.flatnonzero(self.p2m != INVALID)
+            packed = self.p2m[known]
+            packed <<= np.uint64(self.pfn_bits)
+            packed |= known.view(np.uint64)
+            del known
+            packed.sort()
+            self._sorted = packed
+        packed = self._sorted
         mfns = np.asarray(mfns, dtype=np.uint64)
         out = np.full(len(mfns), INVALID, dtype=np.uint64)
-        if len(keys) == 0 or len(mfns) == 0:
+        if len(packed) == 0 or len(mfns) == 0:
             return out
-        at = np.minimum(np.searchsorted(keys, mfns), len(keys) - 1)
-        hit = keys[at] == mfns
-        out[hit] = values[at[hit]]
+        shift = np.uint64(self.pfn_bits)
+        at = np.minimum(np.searchsorted(packed, mfns << shift), len(packed) - 1)
+        found = packed[at]
+        hit = (found >> shift) == mfns
+        out[hit] = found[hit] & np.uint64((1 << self.pfn_bits) - 1)
         return out
 
     def conflict(self, pfns: np.ndarray, mfns: Iterable[int], why: str) -> None:
@@ -286,19 +300,28 @@ class _Recoverer:
         new &= ~self.bad_pfn[pfns.astype(np.intp)]
         if not new.any():
             return 0
-        self.p2m[pfns[new].astype(np.intp)] = mfns[new]
+        pfns, mfns = pfns[new], mfns[new]
+        # One mfn, two pfns (within the batch, or a batch pfn and a known one): neither
+        # pair can be trusted.
+        order = np.argsort(mfns, kind="stable")
+        same = np.flatnonzero(mfns[order][1:] == mfns[order][:-1])
+        shared = np.unique(mfns[order][same])
+        owners = self.resolve(mfns)
+        taken = owners != INVALID
+        if len(shared) or taken.any():
+            shared = np.union1d(shared, mfns[taken])
+            involved = np.isin(mfns, shared)
+            self.conflict(
+                np.concatenate((pfns[involved], owners[taken])),
+                shared,
+                "its machine frame backs another pfn too",
+            )
+            pfns, mfns = pfns[~involved], mfns[~involved]
+        if len(pfns) == 0:
+            return 0
+        self.p2m[pfns.astype(np.intp)] = mfns
         self._sorted = None
-        # One mfn, two pfns: neither pair can be trusted.
-        known = np.flatnonzero(self.p2m != INVALID)
-        frames = self.p2m[known]
-        order = np.argsort(frames, kind="stable")
-        sorted_frames = frames[order]
-        same = np.flatnonzero(sorted_frames[1:] == sorted_frames[:-1])
-        if len(same):
-            shared = np.unique(sorted_frames[same])
-            owners = known[np.isin(frames, shared)].astype(np.uint64)
-            self.conflict(owners, shared, "its machine frame backs another pfn too")
-        return int(np.count_nonzero(self.p2m[pfns[new].astype(np.intp)] != INVALID))
+        return len(pfns)
 
     # -- page-table walks ----------------------------------------------------------------
 
@@ -347,7 +370,9 @@ class _Recoverer:
 
     def harvest(self) -> int:
         """One round: pairs from every readable L1 of the linear regions."""
-        cand_pfn, cand_mfn = [], []
+        cand_pfn: list[np.ndarray] = []
+        cand_mfn: list[np.ndarray] = []
+        added = pending = 0
         for region in self.regions:
             if region.lo >= region.hi:
                 continue
@@ -371,9 +396,19 @@ class _Recoverer:
                 present = np.flatnonzero(entries & _PRESENT)
                 cand_pfn.append(present.astype(np.uint64) + np.uint64(base))
                 cand_mfn.append((entries[present] & _FRAME_MASK) >> _U12)
+                pending += len(present)
+                if pending >= self.batch:  # bounded temporaries: merge as we go
+                    added += self.merge_tables(cand_pfn, cand_mfn)
+                    pending = 0
+        added += self.merge_tables(cand_pfn, cand_mfn)
+        return added
+
+    def merge_tables(self, cand_pfn: list, cand_mfn: list) -> int:
         if not cand_pfn:
             return 0
         added = self.merge(np.concatenate(cand_pfn), np.concatenate(cand_mfn), "a page table")
+        cand_pfn.clear()
+        cand_mfn.clear()
         self.result.from_tables += added
         return added
 
@@ -386,8 +421,15 @@ class _Recoverer:
     # -- the anchor --------------------------------------------------------------------
 
     def find_anchor(self) -> bool:
-        """Test the ranges of unresolved L1 slots, lowest first; adopt the first hit."""
-        for base in sorted(self.unresolved):
+        """Test the ranges of unresolved L1 slots; adopt the first hit.
+
+        The domain builder puts its page tables after the kernel image (and the initrd,
+        start_info and its p2m list), so ranges from the one holding ``_end`` upwards go
+        first, then the lower ones."""
+        end = 0
+        if self.layout.kernel_end is not None:
+            end = (self.kernel_pfn(self.layout.kernel_end) // ENTRIES) * ENTRIES
+        for base in sorted(self.unresolved, key=lambda base: (base < end, base)):
             mfn = self.unresolved[base]
             if base in self.tested or base >= self.pages:
                 continue
@@ -581,10 +623,12 @@ class _Recoverer:
                 f"the machine frame of {self.layout.top_table_name} (pfn {top:#x}) {why} "
                 f"after recovery ({self.result.conflicts} conflicts)",
             )
+        self._sorted = None  # the working index goes before the result is built
         known = np.flatnonzero(self.p2m != INVALID)
         result = self.result
-        result.pfns = known.astype(np.uint64)
+        result.pfns = known.view(np.uint64)
         result.mfns = self.p2m[known]
+        self.p2m = self.bad_pfn = np.zeros(0, dtype=np.uint64)
         if result.conflicts:
             result.warnings.append(
                 f"{result.conflicts} pfns left out: their machine frame is in conflict "
