@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -93,19 +94,27 @@ def layout_of(parameters: dict) -> inguest.KernelLayout:
 
 
 def time_recovery(path: Path, kind: str, layout, reps: int) -> dict:
-    times, result = [], None
+    times, cpu, result = [], [], None
     for _ in range(reps):
         context, name = base_layer(path, kind)
         read, size = _base_reader(context.layers[name])
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         try:
             result = recover_machine_frames(read, size, layout)
         except Exception as exc:  # noqa: BLE001 - the failure path is timed too
             result = exc
         times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+        cpu.append(time.process_time() - start_cpu)
+    seconds, cpu_seconds = statistics.median(times), statistics.median(cpu)
     guest = size / GIB
-    out = {"seconds": seconds, "all_s": times, "guest_gib": guest, "s_per_gib": seconds / guest}
+    out = {
+        "seconds": seconds,
+        "all_s": times,
+        "cpu_s": cpu_seconds,
+        "guest_gib": guest,
+        "s_per_gib": seconds / guest,
+        "cpu_s_per_gib": cpu_seconds / guest,
+    }
     if isinstance(result, Exception):
         out["error"] = str(result)
     else:
@@ -192,6 +201,7 @@ def main() -> int:
     raw_guest = samples.ensure_raw_image(samples.load_facts(samples.bundled_sample_dir()))
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average": os.getloadavg(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "recovery_raw": time_recovery(paths["raw"], "raw", layout, args.reps),
