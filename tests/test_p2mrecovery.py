@@ -417,3 +417,12 @@ def test_xen_info_facts(raw_path: Path, layout: KernelLayout, truth):
     assert facts["cross_check", "agreement"].value == "100.00 %"
     assert facts["guest", "type"].value == "PV"
     assert facts["file", "container"].value == "raw"
+
+
+def test_rounds_are_capped(raw_path: Path, layout: KernelLayout, truth, monkeypatch):
+    """A chain that keeps growing one table per round stops at the cap, with a warning
+    and only sound pairs (the real guest needs 6 rounds in all)."""
+    monkeypatch.setattr(p2mrecovery, "_MAX_ROUNDS", 2)
+    result = recover(Image(raw_path), layout)
+    assert any("rounds stopped after 2" in warning for warning in result.warnings)
+    assert wrong_pairs(result, truth) == 0
