@@ -346,3 +346,14 @@ def test_installed_framework_satisfies_the_declared_floor() -> None:
 
     installed = (constants.VERSION_MAJOR, constants.VERSION_MINOR, constants.VERSION_PATCH)
     assert installed[0] == FLOOR[0] and installed >= FLOOR
+
+
+def test_ci_runs_the_suite_against_the_floor_after_the_readme_command() -> None:
+    lines = (REPO / ".ci" / "run").read_text().splitlines()
+    assert "set -euo pipefail" in lines  # a failing floor run fails CI
+    readme = "pip install -q '.[test]' &&"
+    readme_command = next(i for i, line in enumerate(lines) if readme in line)
+    pin = next(i for i, line in enumerate(lines) if "volatility3==" in line)
+    assert f"'volatility3=={FLOOR[0]}.{FLOOR[1]}.{FLOOR[2]}'" in lines[pin]
+    run = next(i for i, line in enumerate(lines) if i > pin and "python -m pytest" in line)
+    assert readme_command < pin < run
