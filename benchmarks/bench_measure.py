@@ -442,14 +442,17 @@ def _layer_runs(layer: xen_layer.XenDumpCoreLayer) -> list:
     return [layer._run_addr, layer._run_target, layer._run_size]
 
 
-def pslist(core: Path, raw: Path, symbols: Path, rounds: int) -> Result:
+def pslist(core: Path, raw: Path, symbols: Path, rounds: int, cache_path: Path) -> Result:
     """Wall time of ``vol linux.pslist`` on the core and on the raw image, alternating;
-    medians, and whether both printed the same table."""
+    medians, and whether both printed the same table.  A private ``--cache-path``: the
+    shared identifier cache is rewritten by vol runs with other symbol directories."""
     times: dict[str, list[float]] = {"core": [], "raw": []}
     outputs: dict[str, str] = {}
+    cache_path.mkdir(parents=True, exist_ok=True)
     for _ in range(rounds):
         for name, target in (("core", core), ("raw", raw)):
             command = _vol_command() + ["-q", "-p", str(REPO / "plugins"), "-s", str(symbols)]
+            command += ["--cache-path", str(cache_path)]
             command += ["-f", str(target), "linux.pslist"]
             seconds, done = _timed_vol(command)
             times[name].append(seconds)

@@ -336,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     if real is not None and not args.no_pslist:
         log("vol linux.pslist")
         symbols = args.shared / "guests" / "symbols"
-        pslist = measure.pslist(real.path, real.raw_image, symbols, conf["pslist_rounds"])
+        pslist = measure.pslist(
+            real.path, real.raw_image, symbols, conf["pslist_rounds"], cache / "vol-cache"
+        )
     companions = measure_companions(cores, conf, cache, notes)
     fragmented = measure_fragmented(cache, conf)
     run: Run = {
