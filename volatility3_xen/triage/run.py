@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import logging
 import os
 import signal
@@ -141,6 +142,9 @@ def _engine(options: RunOptions) -> Iterator[tuple[Any, str, int]]:
         # The bounded retry: a task that takes down max_retries + 1 workers fails with
         # KilledWorker instead of being rescheduled for ever.
         "distributed.scheduler.allowed-failures": options.max_retries,
+        # One task per worker thread at a time: a task merely queued on a worker that dies
+        # would otherwise count as a suspect too, and the priorities would not hold.
+        "distributed.scheduler.worker-saturation": 1.0,
         "distributed.worker.daemon": True,
         # Give a dying worker's tasks back quickly (default waits for the nanny longer).
         "distributed.comm.timeouts.connect": "30s",
@@ -201,6 +205,8 @@ class _Run:
         self.probe: dict[str, str] = {}
         self.dead: set[str] = set()
         self.futures: dict[Any, tuple[str, str, str]] = {}  # future -> (kind, image, plugin)
+        self.backlog: list[tuple[int, int, tuple[str, str, str], Any, Any]] = []
+        self.sequence = 0
         self.client: Any = None
         self.ac: Any = None
         self.report: RunReport | None = None
@@ -254,15 +260,7 @@ class _Run:
     def submit_image(self, job: ImageJob) -> None:
         from . import worker
 
-        future = self.client.submit(
-            worker.identify_image,
-            job,
-            self.options.settings,
-            key=_key("image", job.image, self.run_id),
-            pure=False,
-            priority=100,
-        )
-        self._track(future, ("image", job.image, IMAGE_TASK))
+        self._queue(100, ("image", job.image, IMAGE_TASK), worker.identify_image, job)
 
     def submit_plugin(self, image: str, plugin: str, priority: int = 0) -> None:
         from . import worker
@@ -270,21 +268,31 @@ class _Run:
         if plugin not in self.keys:
             self.resolve([plugin])
         job = PluginJob(image, os.path.abspath(image), plugin, self.keys[plugin])
-        future = self.client.submit(
-            worker.run_plugin,
-            job,
-            self.options.settings,
-            key=_key(plugin, image, self.run_id),
-            pure=False,
-            priority=priority,
-        )
-        self._track(future, ("plugin", image, plugin))
+        self._queue(priority, ("plugin", image, plugin), worker.run_plugin, job)
 
-    def _track(self, future: Any, what: tuple[str, str, str]) -> None:
-        self.futures[future] = what
-        self.ac.add(future)
+    def _queue(self, priority: int, what: tuple[str, str, str], function: Any, job: Any) -> None:
+        """Tasks wait here, not on the cluster: the driver hands Dask only as many as there
+        are worker threads.  So a task is only ever on a worker that is running it (a
+        worker that dies takes no queued bystander with it into the retry count), the
+        priorities hold exactly (image tasks first), and "running" is a real count."""
+        self.sequence += 1
+        heapq.heappush(self.backlog, (-priority, self.sequence, what, function, job))
         assert self.report is not None
         self.report.planned += 1
+
+    def fill(self, slots: int) -> None:
+        while self.backlog and len(self.futures) < slots:
+            _, _, what, function, job = heapq.heappop(self.backlog)
+            kind, image, plugin = what
+            future = self.client.submit(
+                function,
+                job,
+                self.options.settings,
+                key=_key(plugin if kind == "plugin" else "image", image, self.run_id),
+                pure=False,
+            )
+            self.futures[future] = what
+            self.ac.add(future)
 
     # -- results -----------------------------------------------------------------------------
 
@@ -340,11 +348,17 @@ class _Run:
         if self.probe.get(image) == plugin:
             del self.probe[image]
             facts = result.facts
-            if isinstance(result, Failure) and (facts is None or not facts.stacked):
-                # Nothing stacked under the probe: the other plugins would fail the same way.
+            unsatisfied = isinstance(result, Failure) and result.error_class in (
+                "UnsatisfiedException",
+                "FileNotFoundError",
+            )
+            if unsatisfied and (facts is None or not facts.stacked):
+                # Its requirements found nothing usable on the file: the other plugins
+                # would fail the same way.  (A plugin that raised by itself says nothing
+                # about the file.)
                 result.error_class = "NotAMemoryImage"
                 result.message = (
-                    f"nothing stacks on this file for {plugin} (not a memory image, or no "
+                    f"nothing usable stacks on this file for {plugin} (not a memory image, or no "
                     f"symbols for its kernel in --symbols); other plugins not run: "
                     f"{result.message}"
                 )
@@ -459,6 +473,8 @@ class _Run:
         self.dead.add(image)
         self.queued.pop(image, None)
         self.deferred.pop(image, None)
+        self.backlog = [entry for entry in self.backlog if entry[2][1] != image]
+        heapq.heapify(self.backlog)
         doomed = [f for f, (_, img, _) in self.futures.items() if img == image]
         for future in doomed:
             self.futures.pop(future, None)
@@ -487,10 +503,15 @@ def _dask_message(error: BaseException, run: _Run) -> str:
     from distributed import KilledWorker
 
     if isinstance(error, KilledWorker):
-        limit = run.options.max_retries if not run.options.scheduler else "the scheduler's"
+        last = getattr(getattr(error, "last_worker", None), "address", None) or "?"
+        tries = (
+            f"{run.options.max_retries + 1} attempts"
+            if not run.options.scheduler
+            else "the scheduler's allowed-failures retries"
+        )
         return (
-            f"the worker running this task died (out of memory, crash or signal) and so did "
-            f"its {limit} retries; last worker: {getattr(error, 'last_worker', '?')}"
+            f"every worker that ran it died (out of memory, crash or signal): {tries}, "
+            f"the last on {last}"
         )
     return " ".join(str(error).split()) or repr(error)
 
@@ -565,11 +586,8 @@ def run_triage(options: RunOptions, progress: Progress | None = None) -> RunRepo
 def _loop(run: _Run, progress: Progress | None) -> None:
     assert run.report is not None
     report = run.report
-    slots, last_check, no_workers_since = 0, 0.0, None
-    while run.futures:
-        for future in run.ac.next_batch(block=False) if run.ac.has_ready() else []:
-            if future in run.futures:
-                run.handle(future)
+    slots, last_check, no_workers_since = 0, -10.0, None
+    while run.futures or run.backlog:
         now_ = time.monotonic()
         if now_ - last_check > 2.0:
             last_check = now_
@@ -583,14 +601,18 @@ def _loop(run: _Run, progress: Progress | None) -> None:
                     )
             else:
                 no_workers_since = None
+        # Fetch finished results before handing out more work: a result lives on its
+        # worker until fetched, and a worker killed by its next task would take it along
+        # (Dask would then run the finished task again).
+        for future in run.ac.next_batch(block=False) if run.ac.has_ready() else []:
+            if future in run.futures:
+                run.handle(future)
+        run.fill(slots)
         if now_ - run.last_commit >= run.options.commit_seconds and run.batch.tasks:
             run.commit("running")
         if progress:
-            outstanding = len(run.futures)
-            progress.update(
-                report.planned, report.done, report.failed, min(outstanding, max(slots, 1))
-            )
-        if run.futures and not run.ac.has_ready():
+            progress.update(report.planned, report.done, report.failed, len(run.futures))
+        if not run.ac.has_ready():
             time.sleep(0.05)
     if progress:
         progress.update(report.planned, report.done, report.failed, 0)

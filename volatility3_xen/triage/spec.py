@@ -75,11 +75,14 @@ class StackFacts:
     os: str | None = None
     kernel: str | None = None  # the Linux banner Volatility matched
     xen: bool = False  # one of volatility3-xen's layers is in the stack
+    usable: bool = False  # an OS layer, or a stacked layer that maps at least one byte
 
     @property
     def stacked(self) -> bool:
-        """Anything above the file layer (a format layer or a kernel layer)."""
-        return len(self.layers) > 1
+        """Something Volatility can read stands on the file.  A layer that maps nothing
+        (e.g. one put on a damaged Xen core only to stop other stackers misreading it)
+        does not count."""
+        return self.usable
 
 
 @dataclass

@@ -402,7 +402,7 @@ class Store:
                 "WHERE plugin = 'image' AND status = 'ok' AND layers IS NOT NULL"
             ).fetchall()
             for image, os_name, kernel, xen, layers in rows:
-                detected[image] = StackFacts(layers.split(" > "), os_name, kernel, bool(xen))
+                detected[image] = StackFacts(layers.split(" > "), os_name, kernel, bool(xen), True)
             known = {
                 image: KnownImage(size, mtime_ns, sha)
                 for image, size, mtime_ns, sha in con.sql(

@@ -318,7 +318,7 @@ def identify_image(job: ImageJob, settings: Settings) -> ImageResult | Failure:
 
 
 _NOT_MEMORY = (
-    "nothing stacks on this file: not a memory image Volatility reads, or a raw image whose "
+    "nothing usable stacks on this file: not a memory image Volatility reads, or a raw image whose "
     "kernel has no symbol table in --symbols"
 )
 
@@ -380,7 +380,22 @@ def _facts(context: Any, top: str | None) -> StackFacts:
             if key.endswith("kernel_banner") and isinstance(value, str) and facts.kernel is None:
                 facts.kernel = value.rstrip("\x00").strip()
         pending.extend(layer.dependencies)
+    names = [entry.split(":", 1)[0] for entry in facts.layers[:-1]]  # all but the file
+    facts.usable = facts.os is not None or any(_maps_something(context.layers[n]) for n in names)
+    facts.xen = facts.xen and facts.usable
     return facts
+
+
+def _maps_something(layer: Any) -> bool:
+    """Whether a layer maps at least one byte: the first item of its mapping, if any (a
+    format layer answers from its first run at once)."""
+    try:
+        span = layer.maximum_address - layer.minimum_address + 1
+        for _ in layer.mapping(layer.minimum_address, span, ignore_errors=True):
+            return True
+    except Exception:  # a layer that cannot even say: nothing usable
+        return False
+    return False
 
 
 def _top_layer(context: Any) -> str | None:
