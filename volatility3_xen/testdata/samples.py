@@ -715,19 +715,10 @@ def _build_parser() -> _Parser:
         ("hvm", "print the bundled guest's HVM core path (built on first use)"),
         ("all", "print both paths: PV then HVM"),
         ("raw", "print the decompressed raw image's path (file offset == physical address)"),
+        ("save-pv", "print the bundled guest's PV save image path (built on first use)"),
+        ("save-hvm", "print the bundled guest's HVM save image path (built on first use)"),
     ):
         command = sub.add_parser(name, help=text, description=text)
-        command.add_argument(
-            "--from",
-            dest="sample_dir",
-            type=Path,
-            default=None,
-            help=f"directory with {SAMPLE_NAME}.json and the image (default: the checkout's)",
-        )
-        command.add_argument("--force", action="store_true", help="rebuild even if cached")
-    for kind in SAVE_KINDS:
-        text = f"print the bundled guest's {kind.upper()} save image path (built on first use)"
-        command = sub.add_parser(f"save-{kind}", help=text, description=text)
         command.add_argument(
             "--from",
             dest="sample_dir",
