@@ -12,6 +12,7 @@ Run as a script, this module is the fresh-process worker:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import shutil
@@ -359,6 +360,16 @@ def fragmented(path: Path, markers: tuple[int, ...], address_limit: int = 0) -> 
     return _in_fresh_process("fragmented", path, ",".join(map(str, markers)), str(address_limit))
 
 
+@contextlib.contextmanager
+def _timed(result: Result, name: str):
+    """``result[name + '_s']`` (wall) and ``[name + '_cpu_s']`` (this process's user +
+    system time, page faults included: what a loaded machine does not inflate)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    result[f"{name}_s"] = time.perf_counter() - wall
+    result[f"{name}_cpu_s"] = time.process_time() - cpu
+
+
 def _fragmented_worker(path: Path, markers: list[int], address_limit: int) -> Result:
     """1. The page map alone (``formats``: ``XenDumpCore.page_map``, and for PV
     ``m2p_runs``): seconds and tracemalloc peak (numpy's allocations included).
@@ -377,13 +388,11 @@ def _fragmented_worker(path: Path, markers: list[int], address_limit: int) -> Re
     result: Result = {"address_limit": address_limit}
     core = XenDumpCore.open(path)
     tracemalloc.start()
-    start = time.perf_counter()
-    page_map = core.page_map
-    result["pagemap_s"] = time.perf_counter() - start
+    with _timed(result, "pagemap"):
+        page_map = core.page_map
     if core.is_pv:
-        start = time.perf_counter()
-        m2p = page_map.m2p_runs
-        result["m2p_s"] = time.perf_counter() - start
+        with _timed(result, "m2p"):
+            m2p = page_map.m2p_runs
         result["m2p_runs"] = len(m2p)
     result["pagemap_tracemalloc_peak_bytes"] = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
@@ -396,16 +405,15 @@ def _fragmented_worker(path: Path, markers: list[int], address_limit: int) -> Re
     gc.collect()
     rss_before = _status_kib("VmRSS")
     reset = _reset_peak_rss()
-    seconds, layer, _ = construct(path)
-    result["open_s"] = seconds
+    with _timed(result, "open"):
+        _, layer, _ = construct(path)
     for pfn in markers:
         if layer.read(pfn * BENCH_PAGE, BENCH_PAGE) != marker_page(pfn):
             raise AssertionError(f"{path}: wrong bytes at pfn {pfn:#x}")
     if layer.is_pv:
         layer.context.add_layer(layer)
-        start = time.perf_counter()
-        machine = layer.context.layers[xen_layer.add_machine_layer(layer.context, layer.name)]
-        result["machine_layer_s"] = time.perf_counter() - start
+        with _timed(result, "machine_layer"):
+            machine = layer.context.layers[xen_layer.add_machine_layer(layer.context, layer.name)]
         for pfn in markers:
             mfn = layer.pfn_to_mfn(pfn)
             if mfn is None or machine.read(mfn * BENCH_PAGE, BENCH_PAGE) != marker_page(pfn):

@@ -270,9 +270,10 @@ def measure_fragmented(cache: Path, conf: dict[str, Any]) -> list[Run]:
             row["error"] = errors[0]
         else:
             row["runs"] = runs
-            for key in ("pagemap_s", "m2p_s", "open_s", "machine_layer_s"):
-                if key in runs[0]:
-                    row[key] = statistics.median(r[key] for r in runs)
+            for name in ("pagemap", "m2p", "open", "machine_layer"):
+                for key in (f"{name}_s", f"{name}_cpu_s"):
+                    if key in runs[0]:
+                        row[key] = statistics.median(r[key] for r in runs)
             for key in (
                 "table_bytes",
                 "maps_bytes",
