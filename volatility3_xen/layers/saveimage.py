@@ -20,15 +20,13 @@ from volatility3.framework import constants, interfaces
 
 from ..formats.errors import XenFormatError
 from ..formats.saveimage import SaveScan, XenSaveImage, probe_save_image
-from .errors import XenCoreFormatException
 from .memory import (
     UNREADABLE,
     FileIdentity,
     XenGuestLayer,
-    XenMachineLayer,
-    XenRefusedLayer,
-    base_file,
+    _report_once,
     refuse,
+    stackable_base,
 )
 
 vollog = logging.getLogger(__name__)
@@ -56,23 +54,13 @@ class XenSaveImageLayer(XenGuestLayer):
         metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(context=context, config_path=config_path, name=name, metadata=metadata)
-        self._base_layer = self.config["base_layer"]
-        self._target_layer = self._base_layer
-        try:
-            base = base_file(context.layers[self._base_layer])
-        except UNREADABLE as exc:
-            raise XenCoreFormatException(name, f"{self._base_layer} cannot be read: {exc}") from exc
-        self._source = base.source
+        base = self._open_base()
         identity = base.identity
         cached = _SCAN_CACHE.get(identity) if identity else None
-        try:
+        with self._parsing():
             image = XenSaveImage(
                 base.read, base.size, name=self._source, map_region=base.map_region, scan=cached
             )
-        except XenFormatError as exc:
-            raise XenCoreFormatException.from_format_error(name, exc) from exc
-        except UNREADABLE as exc:
-            raise XenCoreFormatException(name, f"{self._source} cannot be read: {exc}") from exc
         if identity and cached is None:
             if len(_SCAN_CACHE) >= _SCAN_CACHE_SIZE:
                 _SCAN_CACHE.pop(next(iter(_SCAN_CACHE)))
@@ -105,14 +93,14 @@ class XenSaveImageStacker(interfaces.automagic.StackerLayerInterface):
         layer_name: str,
         progress_callback: constants.ProgressCallback = None,
     ) -> interfaces.layers.DataLayerInterface | None:
-        base = context.layers[layer_name]
-        if isinstance(base, (XenGuestLayer, XenMachineLayer, XenRefusedLayer)):
+        source = stackable_base(context, layer_name)
+        if source is None:
             return None
         try:
-            source = base_file(base)
             probe = probe_save_image(source.read, source.size)
-        except UNREADABLE:
-            return None  # the dump-core stacker (same order) reports unreadable files
+        except UNREADABLE as exc:
+            _report_once(source.source, f"cannot be read: {exc}")
+            return None
         if not probe.is_xen:
             vollog.log(constants.LOGLEVEL_VVVV, f"{source.source}: not a Xen save image")
             return None
