@@ -5,9 +5,7 @@ foreign frames, hostile images) and the ``InGuestPVImage`` model over the result
 
 from __future__ import annotations
 
-import lzma
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +20,10 @@ from volatility3_xen.formats.p2mrecovery import KernelLayout, recover_machine_fr
 from volatility3_xen.testdata import inguest as inguest_data
 from volatility3_xen.testdata import samples
 
-from .conftest import CACHE, REPO, SHARED, sha256_of
+from .conftest import CACHE, REPO, SHARED
 
 PAGE = 4096
 FRAME = ((1 << 52) - 1) & ~(PAGE - 1)
-REAL_XZ = SHARED / "realxen" / "realxen-pv1.core.xz"
-REAL_SHA = SHARED / "realxen" / "realxen-pv1.core.sha256"
 SYMBOLS_NAME = Path("linux") / "debian-cloud-6.1.0-47.json.xz"
 
 
@@ -36,24 +32,12 @@ def _quiet(_message: str) -> None:
 
 
 def real_core_path() -> Path:
-    """The real PV dump-core: ../shared/realxen's, else the copy bundled in samples/;
-    unpacked once into the cache and checked against its published sha256."""
-    if REAL_XZ.exists():
-        target = CACHE / "realxen-pv1.core"
-        want = REAL_SHA.read_text().split()[0]
-        if not target.exists() or sha256_of(target) != want:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(f".{os.getpid()}.part")
-            with lzma.open(REAL_XZ) as source, open(partial, "wb") as out:
-                shutil.copyfileobj(source, out, 8 << 20)
-            if sha256_of(partial) != want:
-                partial.unlink()
-                pytest.fail(f"{REAL_XZ} does not decompress to sha256 {want}")
-            partial.replace(target)
-        return target
-    if (REPO / "samples" / samples.REALXEN_FACTS).exists():
-        return samples.ensure_realxen("core", cache=CACHE / "samples", status=_quiet)
-    pytest.skip(f"the real PV dump-core is not available ({REAL_XZ} and samples/ missing)")
+    """The real PV dump-core bundled in samples/ (the same file as ../shared/realxen's:
+    ``samples/realxen.json`` records its published sha256), unpacked once into the cache
+    and checked (``samples.ensure_realxen``)."""
+    if not (REPO / "samples" / samples.REALXEN_FACTS).exists():
+        pytest.skip("the real PV dump-core is not available (samples/realxen.json missing)")
+    return samples.ensure_realxen("core", cache=CACHE / "samples", status=_quiet)
 
 
 def derived_image(core: Path, kind: str) -> Path:
