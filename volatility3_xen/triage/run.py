@@ -271,17 +271,33 @@ class _Run:
         self._queue(priority, ("plugin", image, plugin), worker.run_plugin, job)
 
     def _queue(self, priority: int, what: tuple[str, str, str], function: Any, job: Any) -> None:
-        """Tasks wait here, not on the cluster: the driver hands Dask only as many as there
-        are worker threads.  So a task is only ever on a worker that is running it (a
-        worker that dies takes no queued bystander with it into the retry count), the
-        priorities hold exactly (image tasks first), and "running" is a real count."""
+        """Tasks wait here, not on the cluster: the driver hands Dask a task only when a
+        worker thread is idle (see ``fill``)."""
         self.sequence += 1
         heapq.heappush(self.backlog, (-priority, self.sequence, what, function, job))
         assert self.report is not None
         self.report.planned += 1
 
-    def fill(self, slots: int) -> None:
-        while self.backlog and len(self.futures) < slots:
+    def fill(self) -> int:
+        """Submit as many tasks as there are idle worker threads; returns the number of
+        tasks running.
+
+        Why not submit everything and let Dask queue: a worker that dies (OOM kill, a
+        crashing plugin) makes every task *assigned* to it a suspect, and a task that is a
+        suspect in max_retries + 1 deaths fails with KilledWorker.  Handing out work only
+        to idle threads means the only task on a dying worker is the one that was running
+        there, so innocent tasks never become error rows; it also keeps the priorities
+        exact (image tasks first) and makes "running" a true count.
+        """
+        processing = self.client.processing()
+        running = sum(len(keys) for keys in processing.values())
+        if not self.backlog:
+            return running
+        threads = self.client.nthreads()
+        idle = sum(max(0, n - len(processing.get(w, ()))) for w, n in threads.items())
+        # Submitted but not yet assigned by the scheduler: they will take idle threads.
+        idle -= max(0, len(self.futures) - running)
+        while self.backlog and idle > 0:
             _, _, what, function, job = heapq.heappop(self.backlog)
             kind, image, plugin = what
             future = self.client.submit(
@@ -293,6 +309,8 @@ class _Run:
             )
             self.futures[future] = what
             self.ac.add(future)
+            idle -= 1
+        return running
 
     # -- results -----------------------------------------------------------------------------
 
@@ -607,11 +625,11 @@ def _loop(run: _Run, progress: Progress | None) -> None:
         for future in run.ac.next_batch(block=False) if run.ac.has_ready() else []:
             if future in run.futures:
                 run.handle(future)
-        run.fill(slots)
+        running = run.fill()
         if now_ - run.last_commit >= run.options.commit_seconds and run.batch.tasks:
             run.commit("running")
         if progress:
-            progress.update(report.planned, report.done, report.failed, len(run.futures))
+            progress.update(report.planned, report.done, report.failed, running)
         if not run.ac.has_ready():
             time.sleep(0.05)
     if progress:
