@@ -53,6 +53,7 @@ from ..formats.p2mrecovery import (
 from .errors import XenCoreFormatException
 from .memory import (
     UNREADABLE,
+    ParseCache,
     XenGuestLayer,
     XenMachineLayer,
     XenRefusedLayer,
@@ -71,8 +72,7 @@ _ADDRESS_FIELDS = tuple(
 _CONTAINERS = {"FileLayer": "raw", "LimeLayer": "LiME", "Elf64Layer": "ELF", "AVMLLayer": "AVML"}
 # Recovered maps by (file identity, layer chain, layout): Volatility builds the layer twice
 # (stacker, then ConstructionMagic from the configuration).
-_RECOVERED: dict[tuple, Recovery] = {}
-_RECOVERED_SIZE = 2
+_RECOVERED = ParseCache(size=2)
 # ISF url -> kernel parameters (what the stacker reads from an ISF), in this process.
 _KERNELS: dict[str, dict[str, Any] | None] = {}
 _KERNEL_CACHE_FILE = "volatility3_xen_pv_kernels.json"
@@ -112,7 +112,7 @@ class XenInGuestPVLayer(XenGuestLayer):
         key = None
         if source.identity is not None:
             key = (source.identity, _layer_chain(context, self._base_layer), layout)
-        recovery = _RECOVERED.get(key) if key else None
+        recovery = _RECOVERED.lookup(key)
         if recovery is None:
             try:
                 recovery = recover_machine_frames(
@@ -122,10 +122,7 @@ class XenInGuestPVLayer(XenGuestLayer):
                 raise XenCoreFormatException.from_format_error(name, exc) from exc
             except UNREADABLE as exc:
                 raise XenCoreFormatException(name, f"{self._source} cannot be read: {exc}") from exc
-            if key:
-                if len(_RECOVERED) >= _RECOVERED_SIZE:
-                    _RECOVERED.pop(next(iter(_RECOVERED)))
-                _RECOVERED[key] = recovery
+            _RECOVERED.keep(key, recovery)
         container = _CONTAINERS.get(type(base).__name__, type(base).__name__)
         self._install(
             InGuestPVImage(self._source, _present(base), recovery, layout, container=container)

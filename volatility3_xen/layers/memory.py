@@ -46,8 +46,29 @@ vollog = logging.getLogger(__name__)
 FileIdentity = tuple[str, int, int, int, int, int, int]
 # Page maps of files already opened in this process, keyed by ``BaseFile.identity``:
 # Volatility builds the layer twice per run (stacker, then ConstructionMagic).
-_PAGE_MAP_CACHE: dict[FileIdentity, PageMap] = {}
-_PAGE_MAP_CACHE_SIZE = 4
+
+
+class ParseCache(dict):
+    """What a layer parsed from a file, kept for the next construction from the same
+    file (Volatility builds every layer twice per run); the oldest of ``size`` goes first.
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        super().__init__()
+        self.size = size
+
+    def lookup(self, key: Any) -> Any:
+        return self.get(key) if key is not None else None
+
+    def keep(self, key: Any, value: Any) -> None:
+        if key is None or key in self:
+            return
+        if len(self) >= self.size:
+            self.pop(next(iter(self)))
+        self[key] = value
+
+
+_PAGE_MAP_CACHE: ParseCache = ParseCache()
 # Reads up to this size go through the per-layer read cache; larger ones bypass it.
 _CACHED_READ_MAX = 1 << 16
 # (file, message) pairs already logged, so the second construction does not repeat them.
@@ -467,17 +488,12 @@ class XenDumpCoreLayer(XenGuestLayer):
     ) -> None:
         super().__init__(context=context, config_path=config_path, name=name, metadata=metadata)
         base = self._open_base()
-        identity = base.identity
-        cached = _PAGE_MAP_CACHE.get(identity) if identity else None
+        cached = _PAGE_MAP_CACHE.lookup(base.identity)
         with self._parsing():
             core = XenDumpCore(base.read, base.size, name=self._source, map_region=base.map_region)
             if cached is not None:
                 core.adopt_page_map(cached)
-            page_map = core.page_map
-        if identity and cached is None:
-            if len(_PAGE_MAP_CACHE) >= _PAGE_MAP_CACHE_SIZE:
-                _PAGE_MAP_CACHE.pop(next(iter(_PAGE_MAP_CACHE)))
-            _PAGE_MAP_CACHE[identity] = page_map
+            _PAGE_MAP_CACHE.keep(base.identity, core.page_map)
         self._core = core
         self._install(core)
 

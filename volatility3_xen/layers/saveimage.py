@@ -18,22 +18,14 @@ from typing import Any
 
 from volatility3.framework import constants, interfaces
 
-from ..formats.errors import XenFormatError
-from ..formats.saveimage import SaveScan, XenSaveImage, probe_save_image
-from .memory import (
-    UNREADABLE,
-    FileIdentity,
-    XenGuestLayer,
-    _report_once,
-    refuse,
-    stackable_base,
-)
+from ..formats.saveimage import XenSaveImage, probe_save_image
+from .memory import ParseCache, XenGuestLayer
+from .stackers import stack_xen_file
 
 vollog = logging.getLogger(__name__)
 
 # Walks of files already opened in this process (Volatility builds a layer twice per run).
-_SCAN_CACHE: dict[FileIdentity, SaveScan] = {}
-_SCAN_CACHE_SIZE = 4
+_SCAN_CACHE = ParseCache()
 
 
 class XenSaveImageLayer(XenGuestLayer):
@@ -55,16 +47,12 @@ class XenSaveImageLayer(XenGuestLayer):
     ) -> None:
         super().__init__(context=context, config_path=config_path, name=name, metadata=metadata)
         base = self._open_base()
-        identity = base.identity
-        cached = _SCAN_CACHE.get(identity) if identity else None
+        cached = _SCAN_CACHE.lookup(base.identity)
         with self._parsing():
             image = XenSaveImage(
                 base.read, base.size, name=self._source, map_region=base.map_region, scan=cached
             )
-        if identity and cached is None:
-            if len(_SCAN_CACHE) >= _SCAN_CACHE_SIZE:
-                _SCAN_CACHE.pop(next(iter(_SCAN_CACHE)))
-            _SCAN_CACHE[identity] = image.scan
+        _SCAN_CACHE.keep(base.identity, image.scan)
         self._install(image)
 
     @property
@@ -93,29 +81,6 @@ class XenSaveImageStacker(interfaces.automagic.StackerLayerInterface):
         layer_name: str,
         progress_callback: constants.ProgressCallback = None,
     ) -> interfaces.layers.DataLayerInterface | None:
-        source = stackable_base(context, layer_name)
-        if source is None:
-            return None
-        try:
-            probe = probe_save_image(source.read, source.size)
-        except UNREADABLE as exc:
-            _report_once(source.source, f"cannot be read: {exc}")
-            return None
-        if not probe.is_xen:
-            vollog.log(constants.LOGLEVEL_VVVV, f"{source.source}: not a Xen save image")
-            return None
-        if probe.problem:
-            return refuse(
-                context,
-                layer_name,
-                source.source,
-                f"Xen save image cannot be used: {probe.problem}",
-            )
-        new_name = context.layers.free_layer_name("XenSaveImageLayer")
-        context.config[interfaces.configuration.path_join(new_name, "base_layer")] = layer_name
-        try:
-            return XenSaveImageLayer(context, new_name, new_name)
-        except XenFormatError as exc:
-            return refuse(
-                context, layer_name, source.source, f"Xen save image cannot be used: {exc}"
-            )
+        return stack_xen_file(
+            context, layer_name, probe_save_image, XenSaveImageLayer, "Xen save image"
+        )
