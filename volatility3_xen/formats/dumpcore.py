@@ -28,7 +28,7 @@ from . import notes as xen_notes
 from .elfcore import ElfCore, Reader, Section, looks_like_elf_core
 from .errors import XenFormatError
 from .image import GUEST_HVM_OR_PVH, GUEST_PV, GuestMemoryImage, MachineFrameMap
-from .pagemap import PageMap, Runs, uint64_array
+from .pagemap import PageMap, Runs, scaled_column
 
 NOTE_SECTION = ".note.Xen"
 PRSTATUS_SECTION = ".xen_prstatus"
@@ -542,9 +542,9 @@ class XenDumpCore(GuestMemoryImage):
     @cached_property
     def _page_runs(self) -> Runs:
         runs = self.page_map.pfn_runs
-        index = np.frombuffer(runs.value, dtype=np.uint64)
-        offsets = (index << np.uint64(self.page_shift)) + np.uint64(self.pages.offset)
-        return Runs(runs.key, uint64_array(offsets), runs.count)
+        return Runs(
+            runs.key, scaled_column(runs.value, self.page_shift, self.pages.offset), runs.count
+        )
 
     def page_runs(self) -> Runs:
         """pfn -> file offset runs: entry ``i`` of the table names the page at

@@ -428,6 +428,22 @@ def uint64_array(values: np.ndarray) -> array:
     return result
 
 
+def scaled_column(column: array, shift: int, base: int = 0) -> array:
+    """``column << shift + base`` as a new ``array('Q')``: one copy, then in place (a
+    hostile table can make every entry its own run, so no numpy temporaries).  With
+    nothing to do the column itself is shared (the runs are never modified)."""
+    if not shift and not base:
+        return column
+    result = array("Q", column)
+    view = np.frombuffer(result, dtype=np.uint64)
+    if shift:
+        view <<= np.uint64(shift)
+    if base:
+        view += np.uint64(base)
+    del view  # release the buffer export
+    return result
+
+
 @dataclass(frozen=True)
 class TableStats:
     """What the table held, for ``xen.info`` and for warnings."""

@@ -38,7 +38,7 @@ from ..formats.dumpcore import RegionMapper, XenDumpCore, mmap_file_region
 from ..formats.elfcore import Reader
 from ..formats.errors import XenFormatError, printable
 from ..formats.image import GuestMemoryImage, MachineFrameMap
-from ..formats.pagemap import PageMap, Runs, uint64_array
+from ..formats.pagemap import PageMap, Runs, scaled_column, uint64_array
 from .errors import XenCoreFormatException
 
 vollog = logging.getLogger(__name__)
@@ -286,12 +286,9 @@ class _RunMappedLayer(linear.LinearlyMappedLayer):
         """Runs of frames -> runs of bytes (address, target address, size).  Values are
         frames too unless ``value_shift`` says otherwise (0: they are byte offsets)."""
         value_shift = shift if value_shift is None else value_shift
-        keys, values, counts = (
-            np.frombuffer(column, dtype=np.uint64) for column in (runs.key, runs.value, runs.count)
-        )
-        self._run_addr = uint64_array(keys << np.uint64(shift))
-        self._run_target = uint64_array((values << np.uint64(value_shift)) + np.uint64(target_base))
-        self._run_size = uint64_array(counts << np.uint64(shift))
+        self._run_addr = scaled_column(runs.key, shift)
+        self._run_target = scaled_column(runs.value, value_shift, target_base)
+        self._run_size = scaled_column(runs.count, shift)
 
     # -- mapping ---------------------------------------------------------------------------
 
