@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -241,9 +242,16 @@ def kernel_parameters(isf_url: str) -> dict[str, Any] | None:
     cached["kernels"][isf_url] = {"stamp": stamp, "parameters": parameters}
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache_path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(cached))
-        partial.replace(cache_path)
+        # A fresh, exclusively created name (never a predictable one a planted symlink
+        # could redirect), renamed over the cache file only when complete.
+        handle, partial = tempfile.mkstemp(dir=cache_path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as out:
+                out.write(json.dumps(cached))
+            os.replace(partial, cache_path)
+        except BaseException:
+            os.unlink(partial)
+            raise
     except OSError as exc:
         vollog.debug(f"cannot write {cache_path}: {exc}")
     return parameters
