@@ -146,6 +146,9 @@ def _engine(options: RunOptions) -> Iterator[tuple[Any, str, int]]:
         # would otherwise count as a suspect too, and the priorities would not hold.
         "distributed.scheduler.worker-saturation": 1.0,
         "distributed.worker.daemon": True,
+        # Dask's statistical profiler samples the running thread's stack every 10 ms:
+        # work (under the GIL) that a triage run never looks at.
+        "distributed.worker.profile.enabled": False,
         # Give a dying worker's tasks back quickly (default waits for the nanny longer).
         "distributed.comm.timeouts.connect": "30s",
     }
@@ -154,7 +157,9 @@ def _engine(options: RunOptions) -> Iterator[tuple[Any, str, int]]:
             n_workers=n,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            # The scheduler's HTTP routes start even without a dashboard, by default on
+            # port 8787: a free local port keeps two runs (or a user's cluster) apart.
+            dashboard_address="127.0.0.1:0",
             memory_limit=options.memory_limit,
             silence_logs=logging.ERROR,
         )
@@ -602,15 +607,19 @@ def run_triage(options: RunOptions, progress: Progress | None = None) -> RunRepo
 
 
 def _loop(run: _Run, progress: Progress | None) -> None:
+    """Until every task is back: fetch finished results, hand idle workers more work,
+    commit now and then, show progress, and watch that the cluster still has workers.
+    The scheduler is asked about idle threads only when something changed (or once a
+    second): it runs in this process for a local cluster, and polling it costs CPU the
+    workers need."""
     assert run.report is not None
     report = run.report
-    slots, last_check, no_workers_since = 0, -10.0, None
+    last_check, last_fill, no_workers_since, running = -10.0, -10.0, None, 0
     while run.futures or run.backlog:
         now_ = time.monotonic()
         if now_ - last_check > 2.0:
             last_check = now_
-            slots = sum(run.client.nthreads().values())
-            if slots == 0:
+            if not run.client.nthreads():
                 no_workers_since = no_workers_since or now_
                 if now_ - no_workers_since > run.options.no_worker_timeout:
                     raise RunAborted(
@@ -622,10 +631,13 @@ def _loop(run: _Run, progress: Progress | None) -> None:
         # Fetch finished results before handing out more work: a result lives on its
         # worker until fetched, and a worker killed by its next task would take it along
         # (Dask would then run the finished task again).
-        for future in run.ac.next_batch(block=False) if run.ac.has_ready() else []:
+        finished = run.ac.next_batch(block=False) if run.ac.has_ready() else []
+        for future in finished:
             if future in run.futures:
                 run.handle(future)
-        running = run.fill()
+        if finished or now_ - last_fill > 1.0:
+            running = run.fill()
+            last_fill = now_
         if now_ - run.last_commit >= run.options.commit_seconds and run.batch.tasks:
             run.commit("running")
         if progress:
