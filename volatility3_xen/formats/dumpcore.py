@@ -14,12 +14,9 @@ No Volatility context is needed: ``XenDumpCore.open(path)`` works on a plain fil
 from __future__ import annotations
 
 import dataclasses
-import mmap
-import os
 import struct
 from dataclasses import dataclass
 from functools import cached_property
-from typing import BinaryIO, Callable, Union
 
 import numpy as np
 
@@ -27,7 +24,14 @@ from . import ia64 as ia64_mod
 from . import notes as xen_notes
 from .elfcore import ElfCore, Reader, Section, looks_like_elf_core
 from .errors import XenFormatError
-from .image import GUEST_HVM_OR_PVH, GUEST_PV, GuestMemoryImage, MachineFrameMap
+from .image import (
+    GUEST_HVM_OR_PVH,
+    GUEST_PV,
+    Buffer,
+    FileImage,
+    MachineFrameMap,
+    RegionMapper,
+)
 from .pagemap import PageMap, Runs, scaled_column
 
 NOTE_SECTION = ".note.Xen"
@@ -47,32 +51,6 @@ PHYS_ADDR_BITS = 52
 
 EM_386, EM_X86_64, EM_ARM, EM_AARCH64 = 3, 62, 40, 183
 EM_IA_64 = ia64_mod.EM_IA_64
-
-
-#: ``map_region(offset, length)`` -> a read-only buffer over those bytes of the file.
-Buffer = Union[bytes, memoryview]
-RegionMapper = Callable[[int, int], Buffer]
-
-
-def file_region_mapper(path: str | os.PathLike[str]) -> RegionMapper:
-    """Maps regions of a local file with ``mmap`` (the mapping lives as long as the
-    returned buffer or any numpy view of it).  Only the region is mapped, so address
-    space stays bounded by the table, as memory would be with a read."""
-
-    def map_region(offset: int, length: int) -> memoryview:
-        with open(path, "rb") as handle:
-            return mmap_file_region(handle.fileno(), offset, length)
-
-    return map_region
-
-
-def mmap_file_region(fileno: int, offset: int, length: int) -> memoryview:
-    """``length`` bytes at ``offset`` of the open file ``fileno``, mapped read-only (the
-    mapping holds its own descriptor).  Raises ValueError when the region runs past the
-    end of the file, OSError when the file cannot be mapped."""
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    mapped = mmap.mmap(fileno, length + offset - start, access=mmap.ACCESS_READ, offset=start)
-    return memoryview(mapped)[offset - start :]
 
 
 @dataclass(frozen=True)
@@ -166,7 +144,7 @@ class VcpuArea:
     count: int
 
 
-class XenDumpCore(GuestMemoryImage):
+class XenDumpCore(FileImage):
     """A parsed Xen dump-core.
 
     Args:
@@ -231,22 +209,6 @@ class XenDumpCore(GuestMemoryImage):
         self._check_entry_sizes()
         self._check_sections()
         self.vcpu_area  # noqa: B018 - validated now, so that its warnings are reported with the rest
-
-    @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> XenDumpCore:
-        """Parse a dump-core from a path (the file stays open while the object lives)."""
-        handle: BinaryIO = open(path, "rb")  # noqa: SIM115 - owned by the reader closure
-        size = os.fstat(handle.fileno()).st_size
-
-        def read(offset: int, length: int) -> bytes:
-            # Bounded by the file: a file object allocates the full request up front.
-            length = min(length, size - offset)
-            if length <= 0:
-                return b""
-            handle.seek(offset)
-            return handle.read(length)
-
-        return cls(read, size, name=os.fspath(path), map_region=file_region_mapper(path))
 
     # -- validation ------------------------------------------------------------------------
 

@@ -17,9 +17,39 @@ Nothing here imports Volatility.
 from __future__ import annotations
 
 import abc
-from typing import Protocol
+import mmap
+import os
+from typing import BinaryIO, Callable, Protocol, TypeVar, Union
 
 from .pagemap import Runs
+
+#: ``map_region(offset, length)`` -> a read-only buffer over those bytes of the file.
+Buffer = Union[bytes, memoryview]
+RegionMapper = Callable[[int, int], Buffer]
+
+
+def file_region_mapper(path: str | os.PathLike[str]) -> RegionMapper:
+    """Maps regions of a local file with ``mmap`` (the mapping lives as long as the
+    returned buffer or any numpy view of it).  Only the region is mapped, so address
+    space stays bounded by the table, as memory would be with a read."""
+
+    def map_region(offset: int, length: int) -> memoryview:
+        with open(path, "rb") as handle:
+            return mmap_file_region(handle.fileno(), offset, length)
+
+    return map_region
+
+
+def mmap_file_region(fileno: int, offset: int, length: int) -> memoryview:
+    """``length`` bytes at ``offset`` of the open file ``fileno``, mapped read-only (the
+    mapping holds its own descriptor).  Raises ValueError when the region runs past the
+    end of the file, OSError when the file cannot be mapped."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapped = mmap.mmap(fileno, length + offset - start, access=mmap.ACCESS_READ, offset=start)
+    return memoryview(mapped)[offset - start :]
+
+
+_Image = TypeVar("_Image", bound="FileImage")
 
 # Guest types, as ``xen.info`` prints them.
 GUEST_PV = "PV"
@@ -111,3 +141,36 @@ class GuestMemoryImage(abc.ABC):
         if mfn is None:
             return None
         return (mfn << self.page_shift) | (address & (self.page_size - 1))
+
+
+class FileImage(GuestMemoryImage):
+    """A source parsed straight from one file (a dump-core, a save image), so it can be
+    opened from a path; an in-guest image needs its kernel's symbols as well, and is not.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[int, int], bytes],
+        file_size: int,
+        name: str = "image",
+        map_region: RegionMapper | None = None,
+    ) -> None:
+        """Parse from ``read(offset, length)`` over a file of ``file_size`` bytes (short
+        reads at the end are fine); ``map_region`` maps file regions where that is cheaper."""
+        raise NotImplementedError
+
+    @classmethod
+    def open(cls: type[_Image], path: str | os.PathLike[str]) -> _Image:
+        """Parse from a path (the file stays open while the object lives)."""
+        handle: BinaryIO = open(path, "rb")  # noqa: SIM115 - owned by the reader closure
+        size = os.fstat(handle.fileno()).st_size
+
+        def read(offset: int, length: int) -> bytes:
+            # Bounded by the file: a file object allocates the full request up front.
+            length = min(length, size - offset)
+            if length <= 0:
+                return b""
+            handle.seek(offset)
+            return handle.read(length)
+
+        return cls(read, size, name=os.fspath(path), map_region=file_region_mapper(path))

@@ -18,15 +18,13 @@ Nothing here imports Volatility.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from functools import cached_property
-from typing import BinaryIO
 
 from . import savestream
-from .dumpcore import Probe, RegionMapper, file_region_mapper
+from .dumpcore import Probe
 from .errors import XenFormatError
-from .image import GUEST_PV, GuestMemoryImage
+from .image import GUEST_PV, FileImage, RegionMapper
 from .pagemap import Runs
 from .savestream import (  # noqa: F401 - re-exported: the model's public types
     DomainHeader,
@@ -79,7 +77,7 @@ def probe_save_image(read: Reader, file_size: int) -> Probe:
     return Probe(True)
 
 
-class XenSaveImage(GuestMemoryImage):
+class XenSaveImage(FileImage):
     """A parsed Xen save image.
 
     Args:
@@ -128,21 +126,6 @@ class XenSaveImage(GuestMemoryImage):
         if scan.runs is None or len(scan.runs) == 0:
             raise XenFormatError(name, self._why_no_pages())
         self.config = self._config()
-
-    @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> XenSaveImage:
-        """Parse a save image from a path (the file stays open while the object lives)."""
-        handle: BinaryIO = open(path, "rb")  # noqa: SIM115 - owned by the reader closure
-        size = os.fstat(handle.fileno()).st_size
-
-        def read(offset: int, length: int) -> bytes:
-            length = min(length, size - offset)
-            if length <= 0:
-                return b""
-            handle.seek(offset)
-            return handle.read(length)
-
-        return cls(read, size, name=os.fspath(path), map_region=file_region_mapper(path))
 
     def _why_no_pages(self) -> str:
         stats = self.scan.page_stats

@@ -34,10 +34,10 @@ from volatility3.framework import exceptions, interfaces
 from volatility3.framework.configuration import requirements
 from volatility3.framework.layers import linear, physical
 
-from ..formats.dumpcore import RegionMapper, XenDumpCore, mmap_file_region
+from ..formats.dumpcore import XenDumpCore
 from ..formats.elfcore import Reader
 from ..formats.errors import XenFormatError, printable
-from ..formats.image import GuestMemoryImage, MachineFrameMap
+from ..formats.image import GuestMemoryImage, MachineFrameMap, RegionMapper, mmap_file_region
 from ..formats.pagemap import PageMap, Runs, scaled_column, uint64_array
 from .errors import XenCoreFormatException
 
